@@ -1,0 +1,121 @@
+"""Settings as plain dataclasses: what a model dir's `config.json` holds, and how to decode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capcli.errors import ModelError
+
+FORMAT_VERSION = 1
+MAPPER_KINDS = ("mlp", "transformer")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a captioning model. Only the mapper's weights are saved beside it;
+    the encoder and the language model are named (and fingerprinted) so a mismatch can be refused."""
+
+    encoder: str  # encoder name, e.g. "efficientnet-lite0"
+    encoder_id: str  # name plus a weights fingerprint, e.g. "efficientnet-lite0@57934424"
+    feature_dim: int  # D
+    num_tokens: int  # N grid tokens per image
+    lm: str  # how the LM was asked for: alias, hub name, folder or .gguf path
+    lm_id: str  # the LM's fingerprint (file sha256 or hub revision)
+    lm_width: int  # E
+    mapper: str = "mlp"
+    prefix_length: int = 10  # P
+    hidden_size: int = 1024
+    num_layers: int = 2  # transformer mapper only
+    num_heads: int = 8  # transformer mapper only
+    dropout: float = 0.0
+    prompt: str = ""
+    generation: dict = field(default_factory=dict)  # default decoding settings for this model
+    training: dict = field(default_factory=dict)  # provenance: how it was trained
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.mapper not in MAPPER_KINDS:
+            raise ModelError(f"unknown mapper {self.mapper!r}: choose one of {', '.join(MAPPER_KINDS)}")
+        if self.prefix_length < 1:
+            raise ModelError(f"prefix length must be at least 1, got {self.prefix_length}")
+
+    @property
+    def uses_grid(self) -> bool:
+        """The transformer mapper reads grid tokens (B, N, D); the MLP reads pooled features (B, D)."""
+        return self.mapper == "transformer"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config.json") -> "ModelConfig":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelError(
+                f"{source}: format version {version!r} is not supported (this capcli reads version "
+                f"{FORMAT_VERSION}); upgrade capcli or retrain the model"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ModelError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as exc:
+            raise ModelError(f"{source}: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        from capcli.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"{path}: not found; a model dir needs config.json (written by `capcli train`)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: cannot read it as JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode. Greedy by default; beams and sampling are opt-in."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    beams: int = 1
+    sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_captions: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int | None = None
+
+    def validate(self) -> "GenerationSettings":
+        from capcli.errors import CapcliError
+
+        if self.beams < 1 or self.num_captions < 1 or self.max_new_tokens < 1:
+            raise CapcliError("--beams, --num-captions and --max-new-tokens must be at least 1")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise CapcliError("--min-new-tokens cannot exceed --max-new-tokens")
+        if not self.sample and self.num_captions > self.beams:
+            raise CapcliError("--num-captions N needs --sample or --beams >= N")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise CapcliError("--temperature must be > 0 and --top-p in (0, 1]")
+        return self
+
+    def updated(self, **changes) -> "GenerationSettings":
+        """A copy with the given fields replaced, ignoring None (an option the user did not pass)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None and k in known})

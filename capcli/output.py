@@ -1,0 +1,78 @@
+"""Writing captions: text (`path<TAB>caption`), JSON lines or CSV to stdout or a file, and sidecar files.
+
+Each record is written with one write() and flushed, so an interrupted run leaves only whole records,
+and `--resume` can read back which images are done.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import TextIO
+
+from capcli.errors import CapcliError
+from capcli.files import atomic_write_text
+
+FORMATS = ("text", "jsonl", "csv")
+
+
+class CaptionWriter:
+    def __init__(self, stream: TextIO, fmt: str, write_header: bool):
+        self.stream, self.fmt = stream, fmt
+        if fmt == "csv" and write_header:
+            self._write(["image", "caption"])
+
+    def _write(self, row) -> None:
+        if self.fmt == "csv":
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerow(row)
+            text = buffer.getvalue()
+        elif self.fmt == "jsonl":
+            text = json.dumps(row, ensure_ascii=False) + "\n"
+        else:
+            text = "\n".join(f"{row[0]}\t{caption}" for caption in row[1]) + "\n"
+        self.stream.write(text)
+        self.stream.flush()
+
+    def write(self, image: Path, captions: list[str], extra: dict | None = None) -> None:
+        if self.fmt == "jsonl":
+            record = {"image": str(image), "caption": captions[0]}
+            if len(captions) > 1:
+                record["captions"] = captions
+            self._write({**record, **(extra or {})})
+        elif self.fmt == "csv":
+            for caption in captions:
+                self._write([str(image), caption])
+        else:
+            self._write((str(image), captions))
+
+
+def done_images(path: Path, fmt: str) -> set[str]:
+    """Images already in an output file, for --resume. A torn last line (no newline) is not counted."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return set()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CapcliError(f"{path}: cannot read it to resume ({exc})") from None
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        atomic_write_text(path, text)  # drop the torn record so the file stays well-formed
+    if fmt == "jsonl":
+        done = set()
+        for line in text.splitlines():
+            try:
+                done.add(json.loads(line)["image"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CapcliError(f"{path}: not a capcli JSON lines file; cannot --resume into it") from None
+        return done
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        return {row[0] for row in rows[1:] if row}
+    return {line.split("\t", 1)[0] for line in text.splitlines() if "\t" in line}
+
+
+def write_sidecar(image: Path, suffix: str, captions: list[str]) -> None:
+    atomic_write_text(image.with_suffix(suffix), "\n".join(captions) + "\n")

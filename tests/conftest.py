@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny frozen LM built from a config, generated images, a private cache per test."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
+SHAPES = ("circle", "square")
+WORDS = ["a", "an", "image", "of", "photo", "picture", "the", "."] + list(COLOURS) + list(SHAPES)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own capcli cache, so nothing leaks between tests or into ~/.cache."""
+    cache = tmp_path_factory.mktemp("capcli-cache")
+    monkeypatch.setenv("CAPCLI_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A two-layer Llama with a word-level tokenizer, saved as a local model folder. It is pretrained to read
+    two words and repeat them in a caption ("red circle a red circle ."), as a real LM knows its language and
+    can use its context; used frozen, a mapper must learn to put the right content into its prefix."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         eos_token_id=1, pad_token_id=0, bos_token_id=None, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    sentences = [f"{c} {s} a {c} {s} ." for c in COLOURS for s in SHAPES]
+    ids = torch.tensor([tokenizer(s).input_ids + [1] for s in sentences])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    predicted = model(input_ids=ids).logits.argmax(-1)[:, 3:5]  # the words repeated after "a"
+    assert torch.equal(predicted, ids[:, 4:6]), "the tiny LM did not learn to repeat its context"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def draw_shape(path: Path, colour: str, shape: str, rng: random.Random, size: int = 48) -> None:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    r = size // 3  # one size, so shape shows in pooled features too (a square covers more than a circle)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    img.save(path)
+
+
+@pytest.fixture
+def shapes_data(tmp_path) -> Path:
+    """A learnable data set: coloured shapes with captions, as a Flickr8k-style captions.txt + splits."""
+    rng = random.Random(0)
+    folder = tmp_path / "shapes"
+    (folder / "images").mkdir(parents=True)
+    rows, train, dev = ["image,caption"], [], []
+    for n in range(48):
+        colour, shape = list(COLOURS)[n % 3], SHAPES[(n // 3) % 2]
+        name = f"img{n:03d}.png"
+        draw_shape(folder / "images" / name, colour, shape, rng)
+        rows.append(f'{name},"a {colour} {shape} ."')
+        (dev if n >= 42 else train).append(name)
+    (folder / "captions.txt").write_text("\n".join(rows) + "\n")
+    (folder / "train.txt").write_text("\n".join(train) + "\n")
+    (folder / "dev.txt").write_text("\n".join(dev) + "\n")
+    return folder
+
+
+def expected_caption(name: str) -> str:
+    n = int(name[3:6])
+    return f"a {list(COLOURS)[n % 3]} {SHAPES[(n // 3) % 2]} ."
+
+
+@pytest.fixture
+def read_jsonl():
+    def read(text: str) -> list[dict]:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return read
