@@ -87,7 +87,7 @@ class StderrReporter:
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # long lines stay whole for logs
         self._progress = None
 
     def line(self, text: str) -> None:
@@ -184,7 +184,7 @@ def extract(
             _err(f"{path}: {reason}")
         rate = f" ({encoded / seconds:.1f} images/s)" if encoded else ""
         r.line(f"encoded {encoded} images in {seconds:.1f} s{rate}; {len(captions.images) - encoded - len(failures)} "
-               f"were cached already; {len(failures)} failed; cache: {cache.folder}")
+               f"were cached already (or copies of another image); {len(failures)} failed; cache: {cache.folder}")
     if failures:
         raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
 
@@ -210,6 +210,7 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 1e-3,
     warmup_steps: Annotated[int, typer.Option(min=1)] = 100,
     max_caption_tokens: Annotated[int, typer.Option(min=2)] = 40,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after N steps (the schedule ends there).")] = None,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Save a checkpoint every N steps.")] = 100,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
@@ -243,7 +244,8 @@ def train(
             prompt=prompt,
         )
         settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                 max_caption_tokens=max_caption_tokens, seed=seed, checkpoint_every=checkpoint_every)
+                                 max_caption_tokens=max_caption_tokens, seed=seed, max_steps=max_steps,
+                                 checkpoint_every=checkpoint_every)
         cache = FeatureCache(features or cache_dir() / "features")
         record = fit(out, config, train_set, val_set, cache, image_encoder, language_model, torch_device, settings,
                      resume=resume, report=r)

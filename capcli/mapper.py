@@ -41,6 +41,10 @@ class MLPMapper(nn.Module):
             nn.Linear(hidden_size, prefix_length * lm_width),
         )
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.net[-1]
+
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net(self.norm(pooled)).view(-1, self.prefix_length, self.lm_width)  # (B, P, E)
 
@@ -61,6 +65,10 @@ class TransformerMapper(nn.Module):
         self.decoder = nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(hidden_size))
         self.project_out = nn.Linear(hidden_size, lm_width)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.project_out
+
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         memory = self.project_in(self.norm(grid)) + self.token_position  # (B, N, H)
         queries = self.queries.expand(grid.shape[0], -1, -1)  # (B, P, H)
@@ -72,3 +80,15 @@ def build_mapper(config: ModelConfig) -> nn.Module:
         return MLPMapper(config.feature_dim, config.lm_width, config.prefix_length, config.hidden_size, config.dropout)
     return TransformerMapper(config.feature_dim, config.num_tokens, config.lm_width, config.prefix_length,
                              config.hidden_size, config.num_layers, config.num_heads, config.dropout)
+
+
+@torch.no_grad()
+def initialize_from_data(mapper: nn.Module, features: torch.Tensor, embedding_std: float) -> None:
+    """Data-dependent start: standardize the inputs with the training set's statistics, and scale the output
+    layer so the first prefixes are as large as the LM's own token embeddings (far larger ones swamp the LM)."""
+    mapper.norm.fit(features)
+    sample = features[torch.randperm(features.shape[0])[:256]].float()
+    prefix_std = mapper(sample).std().item()
+    if prefix_std > 0:
+        mapper.output_layer.weight.mul_(embedding_std / prefix_std)
+        mapper.output_layer.bias.mul_(embedding_std / prefix_std)

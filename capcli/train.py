@@ -24,6 +24,7 @@ from capcli.devices import autocast
 from capcli.errors import CapcliError, ModelError
 from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
+from capcli.mapper import initialize_from_data
 from capcli.pipeline import CONFIG_FILE, MAPPER_FILE, CaptionModel, check_matches, load_mapper_weights
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -39,6 +40,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     max_caption_tokens: int = 40
     seed: int = 0
+    max_steps: int | None = None  # stop (and end the schedule) after this many steps
     checkpoint_every: int = 100  # steps
     log_every: int = 10  # steps
     sample_captions: int = 3  # per epoch, on stderr and in the log
@@ -74,7 +76,7 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
             raise CapcliError(f"{out}: nothing to resume (no {CHECKPOINT_FILE}); run without --resume to start")
         config = ModelConfig.load(out / CONFIG_FILE)
         check_matches(config, encoder, lm, out)
-        checkpoint = _load_checkpoint(checkpoint_path)
+        checkpoint = load_checkpoint(checkpoint_path)
         settings = dataclasses.replace(TrainSettings(**checkpoint["settings"]), epochs=settings.epochs)
     elif checkpoint_path.exists():
         raise CapcliError(f"{out} already holds a training run: pass --resume to continue it, or choose a new --out")
@@ -88,7 +90,7 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
     trainable = [p for p in model.mapper.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_set.pairs) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
+    total_steps = min(steps_per_epoch * settings.epochs, settings.max_steps or steps_per_epoch * settings.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.warmup_steps, total_steps))
     step = 0
     if checkpoint:
@@ -99,7 +101,7 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
         torch.set_rng_state(checkpoint["rng"])
         report.line(f"resuming at step {step} of {total_steps}")
     else:
-        model.mapper.norm.fit(train_set.features)
+        initialize_from_data(model.mapper, train_set.features, lm.model.get_input_embeddings().weight.std().item())
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / CONFIG_FILE)
     report.line(f"training a {config.mapper} mapper ({sum(p.numel() for p in trainable):,} parameters) on "
@@ -116,7 +118,11 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
         for epoch in range(step // steps_per_epoch, settings.epochs):
             model.mapper.train()
             order = torch.randperm(len(train_set.pairs), generator=torch.Generator().manual_seed(settings.seed + epoch))
+            if step >= total_steps:
+                break
             for batch in range(step - epoch * steps_per_epoch, steps_per_epoch):
+                if step >= total_steps:
+                    break
                 rows = order[batch * settings.batch_size: (batch + 1) * settings.batch_size].tolist()
                 with autocast(device):
                     loss = _batch_loss(model, train_set, rows, device)
@@ -212,7 +218,7 @@ def _save(out: Path, model: CaptionModel, optimizer, scheduler, step: int, setti
     atomic_write_bytes(out / CHECKPOINT_FILE, buffer.getvalue())
 
 
-def _load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
     try:  # weights_only: a checkpoint can never run code
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt, truncated or hostile: refuse with the reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +12,25 @@ import pytest
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
 SHAPES = ("circle", "square")
 WORDS = ["a", "an", "image", "of", "photo", "picture", "the", "."] + list(COLOURS) + list(SHAPES)
+
+
+USER_CACHE = os.environ.get("CAPCLI_CACHE")  # where `capcli setup` put the real default LM
+
+
+@pytest.fixture
+def real_cache(monkeypatch):
+    """The user's capcli cache, holding the default LM fetched by `capcli setup`. Tests that need the real
+    LM skip without it, unless CAPCLI_REQUIRE_REAL=1 (as in CI), where its absence is a failure."""
+    from capcli.files import cache_dir
+    from capcli.lm import SMOLLM2_SHA256, _converted_dir
+
+    if USER_CACHE:
+        monkeypatch.setenv("CAPCLI_CACHE", USER_CACHE)
+    else:
+        monkeypatch.delenv("CAPCLI_CACHE")
+    if not _converted_dir(SMOLLM2_SHA256).is_dir() and os.environ.get("CAPCLI_REQUIRE_REAL") != "1":
+        pytest.skip(f"the default LM is not set up in {cache_dir()}: run `capcli setup` first")
+    return cache_dir()
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +117,37 @@ def read_jsonl():
     def read(text: str) -> list[dict]:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return read
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_lm) -> Path:
+    """A quickly trained tiny model dir (its captions need not be right), shared by the caption tests."""
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    rng = random.Random(1)
+    data = tmp_path_factory.mktemp("tiny-data")
+    rows = ["image,caption"]
+    for n in range(8):
+        colour, shape = list(COLOURS)[n % 3], SHAPES[n % 2]
+        draw_shape(data / f"{n}.png", colour, shape, rng)
+        rows.append(f"{n}.png,a {colour} {shape} .")
+    (data / "captions.txt").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--encoder", "tiny-random-cnn",
+                                      "--lm", str(tiny_lm), "--features", str(data / "features"), "--prefix-length", "2",
+                                      "--hidden-size", "16", "--epochs", "1", "--batch-size", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def make_images(folder: Path, count: int = 3) -> list[Path]:
+    rng = random.Random(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n in range(count):
+        path = folder / f"shape{n}.png"
+        draw_shape(path, list(COLOURS)[n % 3], SHAPES[n % 2], rng)
+        paths.append(path)
+    return paths

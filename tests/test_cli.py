@@ -1,0 +1,125 @@
+"""The command line: data on stdout, messages on stderr, documented exit statuses."""
+
+import csv
+import io
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from conftest import make_images
+
+runner = CliRunner()
+
+
+def caption(*args: str, input: str | None = None):
+    return runner.invoke(app, ["caption", "--quiet", *args], input=input)
+
+
+def test_help_and_version_do_not_import_torch():
+    code = "import sys; from capcli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert runner.invoke(app, ["--version"]).stdout.startswith("capcli ")
+
+
+def test_caption_text_output_is_path_tab_caption(tiny_model, tmp_path):
+    images = make_images(tmp_path / "imgs")
+    result = caption(str(tmp_path / "imgs"), "--model", str(tiny_model), "--max-new-tokens", "5")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+    assert all(len(line.split("\t")) == 2 for line in lines)
+
+
+def test_caption_jsonl_csv_and_several_captions(tiny_model, tmp_path, read_jsonl):
+    [image] = make_images(tmp_path, 1)
+    result = caption(str(image), "--model", str(tiny_model), "--format", "jsonl", "--beams", "3",
+                     "--num-captions", "2")
+    assert result.exit_code == 0, result.output
+    [record] = read_jsonl(result.stdout)
+    assert record["image"] == str(image) and len(record["captions"]) == 2
+    assert record["caption"] == record["captions"][0]
+    result = caption(str(image), "--model", str(tiny_model), "--format", "csv")
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["image", "caption"] and rows[1][0] == str(image)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model, tmp_path):
+    [image] = make_images(tmp_path, 1)
+    args = [str(image), "--model", str(tiny_model), "--sample", "--temperature", "2", "--seed", "7",
+            "--num-captions", "3"]
+    assert caption(*args).stdout == caption(*args).stdout
+
+
+def test_paths_from_stdin(tiny_model, tmp_path):
+    images = make_images(tmp_path, 2)
+    result = caption("-", "--model", str(tiny_model), input="\n".join(map(str, images)) + "\n")
+    assert result.exit_code == 0
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(p) for p in images]
+
+
+def test_bad_inputs_are_reported_and_the_rest_still_captioned(tiny_model, tmp_path):
+    images = make_images(tmp_path, 2)
+    (tmp_path / "broken.jpg").write_text("<html>not an image</html>")
+    result = caption(str(tmp_path), "--model", str(tiny_model))
+    assert result.exit_code == 1
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(p) for p in images]
+    assert f"{tmp_path / 'broken.jpg'}: not an image" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_output_file_and_resume_caption_each_image_once(tiny_model, tmp_path, read_jsonl):
+    images = make_images(tmp_path / "imgs", 3)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"image": "%s", "caption": "done before"}\n{"image": "torn' % images[0])
+    result = caption(str(tmp_path / "imgs"), "--model", str(tiny_model), "-f", "jsonl", "-o", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    records = read_jsonl(out.read_text())
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    assert records[0]["caption"] == "done before"
+
+
+def test_sidecars_written_beside_images_and_skipped_when_present(tiny_model, tmp_path):
+    images = make_images(tmp_path, 2)
+    images[0].with_suffix(".txt").write_text("keep me\n")
+    result = caption(str(tmp_path), "--model", str(tiny_model), "--sidecar", ".txt")
+    assert result.exit_code == 0, result.output
+    assert images[0].with_suffix(".txt").read_text() == "keep me\n"
+    assert images[1].with_suffix(".txt").read_text().strip() != ""
+    caption(str(tmp_path), "--model", str(tiny_model), "--sidecar", ".txt", "--existing", "overwrite")
+    assert images[0].with_suffix(".txt").read_text() != "keep me\n"
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path):
+    result = caption(str(tmp_path / "nothing-here"), "--model", str(tmp_path / "no-model"))
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "model dir not found" in result.stderr
+    result = caption(str(tmp_path), "--resume")
+    assert result.exit_code == 2 and "--resume needs -o FILE" in result.stderr
+    assert runner.invoke(app, ["caption", "x.jpg", "--format", "xml"]).exit_code == 2
+
+
+def test_extract_then_train_reuses_the_feature_cache(shapes_data, tiny_lm, tmp_path):
+    features = tmp_path / "features"
+    args = ["extract", "--data", str(shapes_data), "--out", str(features), "--encoder", "tiny-random-cnn"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    distinct = len({p.read_bytes() for p in (shapes_data / "images").iterdir()})
+    assert f"encoded {distinct} images" in first.stderr
+    again = runner.invoke(app, args)
+    assert "encoded 0 images" in again.stderr and "48 were cached already" in again.stderr
+    (shapes_data / "images" / "img000.png").write_bytes((shapes_data / "images" / "img001.png").read_bytes())
+    assert "encoded 0 images" in runner.invoke(app, args).stderr  # same content as img001: found by its hash
+    (shapes_data / "images" / "img001.png").write_bytes(b"")
+    broken = runner.invoke(app, args)
+    assert broken.exit_code == 1 and "img001.png: not an image" in broken.stderr
+    model = tmp_path / "model"
+    result = runner.invoke(app, ["train", "--data", str(shapes_data), "--out", str(model), "--features", str(features),
+                                 "--encoder", "tiny-random-cnn", "--lm", str(tiny_lm), "--epochs", "1",
+                                 "--prefix-length", "2", "--hidden-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1" in result.stderr
+    assert sorted(p.name for p in model.iterdir()) == ["checkpoint.pt", "config.json", "mapper.safetensors",
+                                                        "train_log.jsonl"]

@@ -1,0 +1,76 @@
+"""Encoders load real weights (checked by classifying a real photo), report their sizes, and fail clearly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from capcli.encoders import efficientnet_lite_classifier, load_encoder
+from capcli.errors import ModelError
+
+
+def chelsea():
+    """scikit-image's public-domain photo of Chelsea the cat."""
+    import skimage
+
+    from capcli.images import open_image
+
+    return open_image(Path(skimage.__file__).parent / "data" / "chelsea.png")
+
+
+def imagenet_top5(logits: torch.Tensor) -> list[str]:
+    from torchvision.models import ResNet50_Weights  # carries the ImageNet class names offline
+
+    names = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    return [names[i] for i in logits.topk(5).indices[0].tolist()]
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_efficientnet_lite_weights_recognise_a_cat(name):
+    encoder = load_encoder(name)
+    classifier = efficientnet_lite_classifier(name)
+    with torch.no_grad():
+        top5 = imagenet_top5(classifier(encoder.preprocess(chelsea())[None]))
+    assert top5[0] in {"tabby", "tiger cat", "Egyptian cat"}, top5
+    assert {"tabby", "tiger cat", "Egyptian cat"} <= set(top5), top5
+
+
+def test_encoder_reports_pooled_and_grid_sizes():
+    encoder = load_encoder("efficientnet-lite0")
+    assert encoder.encoder_id == "efficientnet-lite0@57934424"
+    assert (encoder.feature_dim, encoder.num_tokens) == (1280, 49)
+    images = torch.stack([encoder.preprocess(chelsea())] * 2)
+    with torch.no_grad():
+        grid = encoder(images)
+    assert grid.shape == (2, 49, 1280)
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_torchvision_encoder_from_a_weights_file(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    encoder = load_encoder("resnet18", weights=path)
+    assert (encoder.feature_dim, encoder.num_tokens) == (512, 49)
+    assert encoder.encoder_id.startswith("resnet18@")
+
+
+def test_torchvision_encoder_without_weights_offline_says_where_to_put_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)
+    with pytest.raises(ModelError, match=r"download https://.*resnet50.* into .*checkpoints.* --encoder-weights"):
+        load_encoder("resnet50")
+
+
+def _offline(*args, **kwargs):
+    raise OSError("network is unreachable")
+
+
+def test_unknown_encoder_and_wrong_weights_are_refused(tmp_path):
+    with pytest.raises(ModelError, match="unknown encoder 'vit-nonsense'"):
+        load_encoder("vit-nonsense")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(ModelError, match="do not fit"):
+        load_encoder("resnet18", weights=wrong)

@@ -1,0 +1,104 @@
+"""Model dirs describe themselves, hold only the mapper, and refuse anything that does not fit."""
+
+import json
+import pickle
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from capcli.errors import ModelError
+from capcli.pipeline import Captioner
+from capcli.train import load_checkpoint
+
+runner = CliRunner()
+
+
+def copy(model, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(model, target)
+    return target
+
+
+def test_config_names_encoder_lm_and_mapper_and_weights_hold_only_the_mapper(tiny_model):
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["format_version"] == 1
+    assert config["encoder_id"] == "tiny-random-cnn@seed0"
+    assert config["lm_id"].startswith("dir-sha256:")
+    assert (config["mapper"], config["prefix_length"]) == ("mlp", 2)
+    names = load_file(tiny_model / "mapper.safetensors").keys()
+    assert names and all(not n.startswith(("lm.", "model.")) for n in names)
+
+
+def test_python_api_captions_images(tiny_model, tmp_path):
+    from conftest import make_images
+
+    images = make_images(tmp_path, 2)
+    captioner = Captioner.load(tiny_model, device="cpu")
+    captions = captioner.caption(images, max_new_tokens=4)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    assert captioner.caption(images[:1], beams=2, num_captions=2, max_new_tokens=4)[0].__len__() == 2
+
+
+def test_missing_and_corrupt_files_are_named(tiny_model, tmp_path):
+    model = copy(tiny_model, tmp_path)
+    (model / "mapper.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match="mapper.safetensors: not a readable safetensors file"):
+        Captioner.load(model)
+    (model / "mapper.safetensors").unlink()
+    with pytest.raises(ModelError, match="mapper.safetensors: missing"):
+        Captioner.load(model)
+    (model / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: cannot read it as JSON"):
+        Captioner.load(model)
+
+
+def test_unknown_format_version_and_wrong_shapes_are_refused(tiny_model, tmp_path):
+    model = copy(tiny_model, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(ModelError, match="format version 99 is not supported"):
+        Captioner.load(model)
+    (model / "config.json").write_text(json.dumps({**config, "prefix_length": 3}))
+    with pytest.raises(ModelError, match=r"mapper.safetensors: tensor 'net.3.weight' has shape .*expected"):
+        Captioner.load(model)
+
+
+def test_mismatched_encoder_or_lm_is_refused_naming_both(tiny_model, tmp_path):
+    model = copy(tiny_model, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "encoder_id": "tiny-random-cnn@other"}))
+    with pytest.raises(ModelError, match="trained with encoder tiny-random-cnn@other, but tiny-random-cnn@seed0"):
+        Captioner.load(model)
+    (model / "config.json").write_text(json.dumps({**config, "lm_id": "dir-sha256:0000"}))
+    with pytest.raises(ModelError, match="trained with language model dir-sha256:0000, but .* gives dir-sha256:"):
+        Captioner.load(model)
+
+
+class Exploit:
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_malicious_pickle_is_refused_without_running(tiny_model, tmp_path):
+    model = copy(tiny_model, tmp_path)
+    Exploit.marker = tmp_path / "pwned"
+    payload = pickle.dumps({"net.0.weight": Exploit()})
+    (model / "mapper.safetensors").write_bytes(payload)
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        Captioner.load(model)
+    (model / "checkpoint.pt").write_bytes(payload)
+    with pytest.raises(ModelError, match="checkpoint.pt: cannot load checkpoint safely"):
+        load_checkpoint(model / "checkpoint.pt")
+    assert not Exploit.marker.exists()
+
+
+def test_training_twice_into_one_dir_needs_resume(tiny_model, shapes_data, tiny_lm):
+    result = runner.invoke(app, ["train", "--data", str(shapes_data), "--out", str(tiny_model), "--lm", str(tiny_lm),
+                                 "--encoder", "tiny-random-cnn"])
+    assert result.exit_code == 2
+    assert "already holds a training run: pass --resume" in result.stderr

@@ -1,0 +1,72 @@
+"""The real default encoder and language model: load, one training step, one caption. Run in CI."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capcli.cli import app
+
+pytestmark = pytest.mark.real
+runner = CliRunner()
+PHOTOS = Path(__import__("skimage").__file__).parent / "data"
+
+
+@pytest.fixture
+def photo_data(tmp_path) -> Path:
+    """Two public-domain photos from scikit-image with sidecar captions."""
+    shutil.copy(PHOTOS / "chelsea.png", tmp_path / "chelsea.png")
+    shutil.copy(PHOTOS / "coffee.png", tmp_path / "coffee.png")
+    (tmp_path / "chelsea.txt").write_text("A ginger cat sits on the floor .\n")
+    (tmp_path / "coffee.txt").write_text("A cup of coffee on a saucer .\n")
+    return tmp_path
+
+
+def test_default_lm_loads_frozen(real_cache):
+    from capcli.lm import load_lm
+
+    lm = load_lm()
+    assert lm.width == 576 and lm.tokenizer.eos_token_id is not None
+    assert not any(p.requires_grad for p in lm.model.parameters()) and not lm.model.training
+
+
+def test_one_training_step_moves_only_the_mapper(real_cache):
+    from capcli.config import ModelConfig
+    from capcli.encoders import load_encoder
+    from capcli.images import open_image
+    from capcli.lm import load_lm
+    from capcli.mapper import initialize_from_data
+    from capcli.pipeline import CaptionModel
+
+    encoder, lm = load_encoder(), load_lm()
+    config = ModelConfig(encoder=encoder.name, encoder_id=encoder.encoder_id, feature_dim=encoder.feature_dim,
+                         num_tokens=encoder.num_tokens, lm="smollm2-135m", lm_id=lm.lm_id, lm_width=lm.width)
+    model = CaptionModel(config, lm)
+    images = torch.stack([encoder.preprocess(open_image(PHOTOS / n)) for n in ("chelsea.png", "coffee.png")])
+    with torch.no_grad():
+        pooled = encoder(images).mean(1)  # (2, 1280)
+    initialize_from_data(model.mapper, pooled, lm.model.get_input_embeddings().weight.std().item())
+    optimizer = torch.optim.AdamW(model.mapper.parameters(), lr=1e-3)
+    ids = model.tokenize(["A ginger cat sits on the floor .", "A cup of coffee ."])
+    before = model.loss(pooled, ids).item()
+    for _ in range(3):
+        loss = model.loss(pooled, ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert model.loss(pooled, ids).item() < before
+
+
+def test_train_and_caption_with_the_real_models(real_cache, photo_data, tmp_path):
+    model = tmp_path / "model"
+    result = runner.invoke(app, ["train", "--data", str(photo_data), "--out", str(model), "--epochs", "1",
+                                 "--batch-size", "2", "--features", str(tmp_path / "features"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["caption", str(photo_data / "chelsea.png"), "--model", str(model),
+                                 "--min-new-tokens", "3", "--max-new-tokens", "8", "--quiet"])
+    assert result.exit_code == 0, result.output
+    path, text = result.stdout.rstrip("\n").split("\t")
+    assert path.endswith("chelsea.png") and len(text.split()) >= 1
