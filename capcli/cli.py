@@ -59,6 +59,10 @@ EncoderOpt = Annotated[str, typer.Option(help="Image encoder: efficientnet-lite0
 EncoderWeightsOpt = Annotated[Optional[Path], typer.Option(help="Encoder weights file (instead of the packaged or hub weights).")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Image-decoding processes (default: up to 4).")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="Model dir (default: the shipped weights/default).")]
+BeamsOpt = Annotated[Optional[int], typer.Option(min=1, help="Beam search width (1: greedy).")]
+MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, in tokens.")]
+MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
 
 
 def _err(message: str) -> None:
@@ -256,22 +260,22 @@ def train(
 @command
 def caption(
     paths: Annotated[list[str], typer.Argument(help="Images, folders, globs, or - to read paths from stdin.")],
-    model: Annotated[Optional[Path], typer.Option(help="Model dir (default: the shipped weights/default).")] = None,
+    model: ModelOpt = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")] = False,
     format: Annotated[Format, typer.Option("--format", "-f", help="text (path<TAB>caption), jsonl or csv.")] = Format.text,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
     resume: Annotated[bool, typer.Option(help="With -o: skip images already in FILE and append.")] = False,
     sidecar: Annotated[Optional[str], typer.Option(help="Write each caption beside its image with this suffix, e.g. .txt.")] = None,
     existing: Annotated[Existing, typer.Option(help="With --sidecar: skip images that have one, or overwrite.")] = Existing.skip,
-    beams: Annotated[Optional[int], typer.Option(min=1, help="Beam search width (1: greedy).")] = None,
+    beams: BeamsOpt = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam decoding.")] = False,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: keep tokens within this probability mass.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Sampling: keep the k most likely tokens (0: all).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
     num_captions: Annotated[Optional[int], typer.Option(min=1, help="Captions per image.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1)] = None,
-    min_new_tokens: Annotated[Optional[int], typer.Option(min=0)] = None,
+    max_new_tokens: MaxNewOpt = None,
+    min_new_tokens: MinNewOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
@@ -339,6 +343,67 @@ def caption(
                 stream.close()
         r.close()
         r.line(f"captioned {len(images) - failures} images; {failures} failed")
+    if failures:
+        raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
+
+
+@app.command("eval")
+@command
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Data set with reference captions (see README).")],
+    split: Annotated[Optional[Path], typer.Option(help="Images to evaluate, one name a line.")] = None,
+    model: ModelOpt = None,
+    beams: BeamsOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    min_new_tokens: MinNewOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write predictions (JSON lines) here.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write an HTML report here: worst captions first.")] = None,
+    batch_size: BatchOpt = 16,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = Device.auto,
+    quiet: QuietOpt = False,
+):
+    """Caption a split and score it against all its references (BLEU, METEOR, ROUGE-L, CIDEr).
+    Prints one JSON summary on stdout."""
+    import dataclasses
+    import json
+    import time
+
+    from capcli.data import load_captions
+    from capcli.evaluate import score, write_report
+    from capcli.files import atomic_write_text
+    from capcli.pipeline import Captioner
+
+    references = load_captions(data, split)
+    with reporter(quiet) as r:
+        r.line(references.report())
+        captioner = Captioner.load(model, device=device.value)
+        settings = captioner.settings(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        predictions, failures = {}, 0
+        started = time.monotonic()
+        advance = r.progress(len(references.images), "caption")
+        for path, result in captioner.caption_paths(references.images, settings, batch_size, workers):
+            advance(1)
+            if isinstance(result, Exception):
+                failures += 1
+                _err(f"{path}: {result.reason}")
+            else:
+                predictions[str(path)] = result[0]
+        seconds = time.monotonic() - started
+        r.close()
+        if not predictions:
+            raise CapcliError("no image could be captioned")
+        refs = {str(p): c for p, c in references.captions.items()}
+        metrics, per_image, tokenizer = score(predictions, refs, warn=r.line)
+    summary = {"model": str(captioner.model_dir), "images": len(predictions), "failed": failures,
+               "tokenizer": tokenizer, "metrics": metrics, "decoding": dataclasses.asdict(settings),
+               "seconds": round(seconds, 1)}
+    rows = [{"image": k, "caption": v, "references": refs[k], "cider": per_image[k]} for k, v in predictions.items()]
+    if output:
+        atomic_write_text(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    if report:
+        write_report(report, rows, summary)
+    typer.echo(json.dumps(summary, indent=2))
     if failures:
         raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
 

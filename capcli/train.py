@@ -191,11 +191,38 @@ def _end_of_epoch(model, train_set, val_set, epoch, step, settings, device, star
             captions = model.generate(shown.features[picks].to(device).float(), GenerationSettings(max_new_tokens=24))
         record["samples"] = {shown.images[i].name: c[0] for i, c in zip(picks, captions)}
     _log(out, record)
+    plot_loss_curve(out)
     summary = f"epoch {epoch}: step {step}" + (f", val loss {record['val_loss']:.3f}" if "val_loss" in record else "")
     report.line(summary)
     for name, caption in record.get("samples", {}).items():
         report.line(f"  {name}: {caption}")
     return record
+
+
+def plot_loss_curve(out: Path) -> None:
+    """loss_curve.png beside train_log.jsonl: training loss per logged step, validation loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="training loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy per caption token")
+    ax.set_title(out.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(out / "loss_curve.png", buffer.getvalue())
 
 
 def _warmup_cosine(warmup: int, total: int):

@@ -1,0 +1,105 @@
+"""Score captions against references with pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr), and write an
+HTML report for looking at the failures.
+
+The COCO metrics expect PTB-tokenized text, and both the PTB tokenizer and METEOR are Java programs.
+Without Java, capcli says so once, uses the Python tokenizer below (lower-case, punctuation removed, split on
+spaces: close to PTB for plain English captions) and leaves METEOR out.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def python_tokenize(text: str) -> str:
+    """The documented fallback tokenizer: lower-case, drop punctuation, collapse spaces."""
+    return " ".join(PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def score(predictions: dict[str, str], references: dict[str, list[str]],
+          warn: Callable[[str], None] = lambda s: None) -> tuple[dict[str, float], dict[str, float], str]:
+    """Corpus metrics (fractions), per-image CIDEr, and the tokenizer used."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    keys = sorted(predictions)
+    use_java = java_available()
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tokenizer = PTBTokenizer()
+        gts = tokenizer.tokenize({k: [{"caption": c} for c in references[k]] for k in keys})
+        res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in keys})
+    else:
+        warn("Java is not installed: using the Python tokenizer and leaving out METEOR (install a JRE for both)")
+        gts = {k: [python_tokenize(c) for c in references[k]] for k in keys}
+        res = {k: [python_tokenize(predictions[k])] for k in keys}
+    metrics: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    metrics.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+    if use_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        metrics["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    cider, per_image = Cider().compute_score(gts, res)
+    metrics["CIDEr"] = float(cider)
+    return metrics, {k: float(s) for k, s in zip(keys, per_image)}, "ptb" if use_java else "python"
+
+
+def _thumbnail(path: Path, size: int = 192) -> str:
+    from capcli.images import open_image
+
+    img = open_image(path)
+    img.thumbnail((size, size))
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_report(path: Path, rows: list[dict], summary: dict) -> None:
+    """A self-contained HTML page: thumbnail, prediction, references and CIDEr per image, worst first."""
+    from capcli.files import atomic_write_text
+
+    esc = html.escape
+    metrics = " &middot; ".join(f"{esc(k)} {v:.3f}" for k, v in summary["metrics"].items())
+    body = []
+    for row in sorted(rows, key=lambda r: r["cider"]):
+        refs = "".join(f"<li>{esc(r)}</li>" for r in row["references"])
+        body.append(
+            f"<tr><td><img src='{_thumbnail(Path(row['image']))}' alt=''></td>"
+            f"<td><b>{esc(row['caption'])}</b><div class='path'>{esc(row['image'])}</div></td>"
+            f"<td><ul>{refs}</ul></td><td class='num'>{row['cider']:.3f}</td></tr>")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>capcli eval: {esc(str(summary['model']))}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 6px; vertical-align: top; text-align: left; }}
+img {{ max-width: 192px; max-height: 192px; }}
+.path {{ color: #888; font-size: 12px; }} .num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+ul {{ margin: 0; padding-left: 1.2em; }}
+</style></head><body>
+<h1>capcli eval</h1>
+<p>Model <code>{esc(str(summary['model']))}</code>, {summary['images']} images, tokenizer {esc(summary['tokenizer'])}.</p>
+<p>{metrics}</p>
+<p>Sorted by per-image CIDEr, worst first.</p>
+<table><thead><tr><th>image</th><th>predicted caption</th><th>references</th><th>CIDEr</th></tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table></body></html>
+"""
+    atomic_write_text(path, page)

@@ -1,0 +1,51 @@
+"""Training is resumable: an interrupted run continued with --resume ends where an uninterrupted one does."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import capcli.train
+from capcli.cli import app
+
+runner = CliRunner()
+
+
+def train(data, lm, out, *extra):
+    return runner.invoke(app, ["train", "--data", str(data), "--split", str(data / "train.txt"), "--val-split",
+                               str(data / "dev.txt"), "--out", str(out), "--encoder", "tiny-random-cnn", "--lm", str(lm),
+                               "--prefix-length", "2", "--hidden-size", "16", "--epochs", "3", "--batch-size", "12",
+                               "--warmup-steps", "2", "--features", str(data / "features"), "--quiet", *extra])
+
+
+def last_val_loss(model):
+    records = [json.loads(line) for line in (model / "train_log.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+
+def test_interrupted_training_resumes_to_the_same_result(shapes_data, tiny_lm, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert train(shapes_data, tiny_lm, straight).exit_code == 0
+
+    calls = {"n": 0}
+    real_batch_loss = capcli.train._batch_loss
+
+    def interrupt_on_sixth_call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in epoch 2, after 4 training steps and one validation batch
+            raise KeyboardInterrupt
+        return real_batch_loss(*args, **kwargs)
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(capcli.train, "_batch_loss", interrupt_on_sixth_call)
+    result = train(shapes_data, tiny_lm, interrupted)
+    assert result.exit_code == 130
+    assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(capcli.train, "_batch_loss", real_batch_loss)
+
+    result = train(shapes_data, tiny_lm, interrupted, "--resume")
+    assert result.exit_code == 0, result.output
+    assert abs(last_val_loss(interrupted) - last_val_loss(straight)) < 1e-5
+    a, b = load_file(straight / "mapper.safetensors"), load_file(interrupted / "mapper.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
