@@ -211,7 +211,7 @@ def train(
     prompt: Annotated[str, typer.Option(help="Text placed after the prefix, before the caption.")] = "",
     epochs: Annotated[int, typer.Option(min=1)] = 5,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(min=1)] = 100,
     max_caption_tokens: Annotated[int, typer.Option(min=2)] = 40,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after N steps (the schedule ends there).")] = None,
@@ -313,7 +313,7 @@ def caption(
             return
         captioner = Captioner.load(model, device=device.value)
         if prompt is not None:
-            captioner.model.prompt_ids = captioner.model.lm.tokenizer(prompt, add_special_tokens=False).input_ids
+            captioner.model.set_prompt(prompt)
         settings = captioner.settings(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p,
                                       top_k=top_k, seed=seed, num_captions=num_captions,
                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)

@@ -33,8 +33,11 @@ class CaptionModel(nn.Module):
         self.config = config
         self.mapper = build_mapper(config)
         self.lm = lm  # a plain attribute: never part of mapper_state()
-        tok = lm.tokenizer
-        self.prompt_ids = tok(config.prompt, add_special_tokens=False).input_ids if config.prompt else []
+        self.set_prompt(config.prompt)
+
+    def set_prompt(self, prompt: str) -> None:
+        """The text placed between the prefix and the caption."""
+        self.prompt_ids = self.lm.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
 
     def mapper_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.mapper.state_dict().items()}

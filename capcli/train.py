@@ -24,7 +24,6 @@ from capcli.devices import autocast
 from capcli.errors import CapcliError, ModelError
 from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
-from capcli.mapper import initialize_from_data
 from capcli.pipeline import CONFIG_FILE, MAPPER_FILE, CaptionModel, check_matches, load_mapper_weights
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -35,7 +34,7 @@ LOG_FILE = "train_log.jsonl"
 class TrainSettings:
     epochs: int = 5
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup_steps: int = 100
     weight_decay: float = 0.01
     max_caption_tokens: int = 40
@@ -101,7 +100,7 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
         torch.set_rng_state(checkpoint["rng"])
         report.line(f"resuming at step {step} of {total_steps}")
     else:
-        initialize_from_data(model.mapper, train_set.features, lm.model.get_input_embeddings().weight.std().item())
+        model.mapper.norm.fit(train_set.features)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / CONFIG_FILE)
     report.line(f"training a {config.mapper} mapper ({sum(p.numel() for p in trainable):,} parameters) on "
@@ -218,7 +217,8 @@ def plot_loss_curve(out: Path) -> None:
     ax.set_ylabel("cross-entropy per caption token")
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)

@@ -14,7 +14,7 @@ def train_shapes(data: Path, lm: Path, out: Path, *extra: str):
     return runner.invoke(app, [
         "train", "--data", str(data), "--split", str(data / "train.txt"), "--val-split", str(data / "dev.txt"),
         "--out", str(out), "--encoder", "tiny-random-cnn", "--lm", str(lm), "--prefix-length", "2",
-        "--hidden-size", "64", "--epochs", "40", "--batch-size", "12", "--lr", "3e-3", "--warmup-steps", "5",
+        "--hidden-size", "64", "--epochs", "40", "--batch-size", "12", "--lr", "1e-2", "--warmup-steps", "5",
         "--device", "cpu", "--quiet", *extra,
     ])
 

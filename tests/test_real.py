@@ -37,18 +37,18 @@ def test_one_training_step_moves_only_the_mapper(real_cache):
     from capcli.encoders import load_encoder
     from capcli.images import open_image
     from capcli.lm import load_lm
-    from capcli.mapper import initialize_from_data
     from capcli.pipeline import CaptionModel
 
     encoder, lm = load_encoder(), load_lm()
     config = ModelConfig(encoder=encoder.name, encoder_id=encoder.encoder_id, feature_dim=encoder.feature_dim,
                          num_tokens=encoder.num_tokens, lm="smollm2-135m", lm_id=lm.lm_id, lm_width=lm.width)
+    torch.manual_seed(0)
     model = CaptionModel(config, lm)
     images = torch.stack([encoder.preprocess(open_image(PHOTOS / n)) for n in ("chelsea.png", "coffee.png")])
     with torch.no_grad():
         pooled = encoder(images).mean(1)  # (2, 1280)
-    initialize_from_data(model.mapper, pooled, lm.model.get_input_embeddings().weight.std().item())
-    optimizer = torch.optim.AdamW(model.mapper.parameters(), lr=1e-3)
+    model.mapper.norm.fit(pooled)
+    optimizer = torch.optim.AdamW(model.mapper.parameters(), lr=3e-4)
     ids = model.tokenize(["A ginger cat sits on the floor .", "A cup of coffee ."])
     before = model.loss(pooled, ids).item()
     for _ in range(3):
@@ -57,7 +57,7 @@ def test_one_training_step_moves_only_the_mapper(real_cache):
         loss.backward()
         optimizer.step()
     assert all(p.grad is None for p in lm.model.parameters())
-    assert model.loss(pooled, ids).item() < before
+    assert model.loss(pooled, ids).item() < before - 0.5
 
 
 def test_train_and_caption_with_the_real_models(real_cache, photo_data, tmp_path):
