@@ -68,3 +68,48 @@ def test_truncated_image_missing_file_and_folder_give_a_reason(tmp_path):
     (tmp_path / "dir.jpg").mkdir()
     with pytest.raises(ImageError, match="is a folder"):
         open_image(tmp_path / "dir.jpg")
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (40_000, 40_000)).save(path)  # 1.6 billion pixels, a few hundred KB on disk
+    assert path.stat().st_size < 5_000_000
+    with pytest.raises(ImageError, match="too large"):
+        open_image(path)
+
+
+@pytest.mark.parametrize("name, save", [
+    ("cmyk.jpg", lambda p: Image.new("CMYK", (6, 4), (0, 255, 255, 0)).save(p)),
+    ("grey16.png", lambda p: Image.new("I;16", (6, 4), 40000).save(p)),
+    ("palette.png", lambda p: Image.new("P", (6, 4)).save(p, transparency=0)),
+    ("x.webp", lambda p: Image.new("RGB", (6, 4), "red").save(p)),
+    ("x.bmp", lambda p: Image.new("RGB", (6, 4), "red").save(p)),
+    ("x.tiff", lambda p: Image.new("RGB", (6, 4), "red").save(p)),
+    ("UPPER.JPG", lambda p: Image.new("RGB", (6, 4), "red").save(p, "JPEG")),
+    ("name with spaces ü\nnewline.png", lambda p: Image.new("RGB", (6, 4), "red").save(p)),
+])
+def test_unusual_but_valid_images_decode(tmp_path, name, save):
+    save(tmp_path / name)
+    img = open_image(tmp_path / name)
+    assert (img.mode, img.size) == ("RGB", (6, 4))
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (4, 4), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert open_image(tmp_path / "anim.gif").getpixel((0, 0))[0] > 200  # red, not blue
+
+
+def test_unreadable_file_and_broken_symlink_give_a_reason(tmp_path):
+    import os
+
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(ImageError, match="broken symbolic link"):
+        open_image(tmp_path / "dangling.jpg")
+    locked = tmp_path / "locked.png"
+    Image.new("RGB", (4, 4)).save(locked)
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads anything
+        pytest.skip("running as root: permissions are not enforced")
+    with pytest.raises(ImageError, match="permission denied"):
+        open_image(locked)
