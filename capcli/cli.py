@@ -334,10 +334,15 @@ def caption(
                     failures += 1
                     _err(f"{path}: {result.reason}")
                     continue
-                if sidecar:
-                    write_sidecar(path, sidecar, result)
-                if writer:
-                    writer.write(path, result)
+                try:
+                    if sidecar:
+                        write_sidecar(path, sidecar, result)
+                    if writer:
+                        writer.write(path, result)
+                except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
+                    where = path.with_suffix(sidecar) if sidecar else (output or "stdout")
+                    raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
+                                      f"before it are complete and kept") from None
         finally:
             if stream is not None:
                 stream.close()

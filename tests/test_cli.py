@@ -123,3 +123,15 @@ def test_extract_then_train_reuses_the_feature_cache(shapes_data, tiny_lm, tmp_p
     assert "epoch 1" in result.stderr
     assert sorted(p.name for p in model.iterdir()) == ["checkpoint.pt", "config.json", "loss_curve.png",
                                                         "mapper.safetensors", "train_log.jsonl"]
+
+
+def test_an_output_that_cannot_be_written_stops_with_a_clear_error(tiny_model, tmp_path):
+    images = make_images(tmp_path, 2)
+    images[1].with_suffix(".txt").mkdir()  # the sidecar's place is taken by a folder
+    result = caption(str(tmp_path), "--model", str(tiny_model), "--sidecar", ".txt", "--existing", "overwrite")
+    assert result.exit_code == 2
+    assert f"cannot write {images[1].with_suffix('.txt')}" in result.stderr and "Traceback" not in result.output
+    assert images[0].with_suffix(".txt").is_file()  # written before the failure, kept
+    (tmp_path / "file").write_text("")
+    result = caption(str(images[0]), "--model", str(tiny_model), "-o", str(tmp_path / "file" / "out.txt"))
+    assert result.exit_code == 2 and "cannot write" in result.stderr

@@ -49,3 +49,24 @@ def test_interrupted_training_resumes_to_the_same_result(shapes_data, tiny_lm, t
     assert abs(last_val_loss(interrupted) - last_val_loss(straight)) < 1e-5
     a, b = load_file(straight / "mapper.safetensors"), load_file(interrupted / "mapper.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_transformer_mapper_on_grid_tokens_with_a_prompt(shapes_data, tiny_lm, tmp_path):
+    model = tmp_path / "model"
+    result = train(shapes_data, tiny_lm, model, "--mapper", "transformer", "--num-layers", "1", "--prompt", "a")
+    assert result.exit_code == 0, result.output
+    config = json.loads((model / "config.json").read_text())
+    assert (config["mapper"], config["prompt"], config["num_tokens"]) == ("transformer", "a", 16)
+    result = runner.invoke(app, ["caption", str(shapes_data / "images" / "img042.png"), "--model", str(model),
+                                 "--max-new-tokens", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+def test_cache_folder_follows_capcli_cache_then_xdg(monkeypatch, tmp_path):
+    from capcli.files import cache_dir
+
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("CAPCLI_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "capcli"
