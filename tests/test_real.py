@@ -70,3 +70,11 @@ def test_train_and_caption_with_the_real_models(real_cache, photo_data, tmp_path
     assert result.exit_code == 0, result.output
     path, text = result.stdout.rstrip("\n").split("\t")
     assert path.endswith("chelsea.png") and len(text.split()) >= 1
+
+
+def test_the_shipped_default_model_captions_an_example_with_no_flags(real_cache):
+    example = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
+    result = runner.invoke(app, ["caption", str(example), "--quiet"])
+    assert result.exit_code == 0, result.output
+    path, text = result.stdout.rstrip("\n").split("\t")
+    assert path == str(example) and len(text.split()) >= 4 and text.endswith(".")
