@@ -70,3 +70,23 @@ def test_cache_folder_follows_capcli_cache_then_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("CAPCLI_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "capcli"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(shapes_data, tiny_lm, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "model"
+    command = [sys.executable, "-m", "capcli", "train", "--data", str(shapes_data), "--out", str(out),
+               "--encoder", "tiny-random-cnn", "--lm", str(tiny_lm), "--prefix-length", "2", "--hidden-size", "8",
+               "--epochs", "10000", "--batch-size", "4", "--features", str(tmp_path / "f"), "--quiet"]
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "train_log.jsonl").exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 130, job.stderr.read()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 10
+    assert "interrupted" in job.stderr.read()
