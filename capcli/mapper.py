@@ -15,13 +15,15 @@ class FeatureNorm(nn.Module):
     training quickly learns a generic caption, then the differences (centring slowed early training
     several-fold on Flickr8k)."""
 
-    def __init__(self, feature_dim: int):
+    def __init__(self):
         super().__init__()
         self.register_buffer("scale", torch.ones(()))
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor) -> None:
-        rms = features.float().pow(2).mean().sqrt().item()
+        # in chunks: a float32 copy of a whole grid-token cache would take gigabytes
+        squares = sum(chunk.float().pow(2).sum().item() for chunk in features.split(256))
+        rms = (squares / max(1, features.numel())) ** 0.5
         self.scale.fill_(1.0 / rms if rms > 0 else 1.0)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -33,7 +35,7 @@ class MLPMapper(nn.Module):
 
     def __init__(self, feature_dim: int, lm_width: int, prefix_length: int, hidden_size: int, dropout: float = 0.0):
         super().__init__()
-        self.norm = FeatureNorm(feature_dim)
+        self.norm = FeatureNorm()
         self.prefix_length, self.lm_width = prefix_length, lm_width
         self.net = nn.Sequential(
             nn.Linear(feature_dim, hidden_size),
@@ -53,7 +55,7 @@ class TransformerMapper(nn.Module):
     def __init__(self, feature_dim: int, num_tokens: int, lm_width: int, prefix_length: int, hidden_size: int,
                  num_layers: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
-        self.norm = FeatureNorm(feature_dim)
+        self.norm = FeatureNorm()
         self.project_in = nn.Linear(feature_dim, hidden_size)
         self.token_position = nn.Parameter(torch.randn(1, num_tokens, hidden_size) * 0.02)
         self.queries = nn.Parameter(torch.randn(1, prefix_length, hidden_size) * 0.02)

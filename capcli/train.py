@@ -89,7 +89,9 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
     trainable = [p for p in model.mapper.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_set.pairs) / settings.batch_size)
-    total_steps = min(steps_per_epoch * settings.epochs, settings.max_steps or steps_per_epoch * settings.epochs)
+    total_steps = steps_per_epoch * settings.epochs
+    if settings.max_steps:
+        total_steps = min(total_steps, settings.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.warmup_steps, total_steps))
     step = 0
     if checkpoint:
@@ -115,10 +117,10 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
     with _interrupts_save(save_checkpoint, report):
         advance = report.progress(total_steps - step, "train")
         for epoch in range(step // steps_per_epoch, settings.epochs):
-            model.mapper.train()
-            order = torch.randperm(len(train_set.pairs), generator=torch.Generator().manual_seed(settings.seed + epoch))
             if step >= total_steps:
                 break
+            model.mapper.train()
+            order = torch.randperm(len(train_set.pairs), generator=torch.Generator().manual_seed(settings.seed + epoch))
             for batch in range(step - epoch * steps_per_epoch, steps_per_epoch):
                 if step >= total_steps:
                     break
