@@ -127,6 +127,13 @@ def reporter(quiet: bool):
         r.close()
 
 
+def _launched_rank() -> tuple[int, int]:
+    """(rank, world size) set by torchrun or accelerate launch; (0, 1) for a plain run."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"capcli {__version__}")
@@ -209,7 +216,7 @@ def train(
     hidden_size: Annotated[Optional[int], typer.Option(min=1, help="Mapper width (default 1024 mlp, 512 transformer).")] = None,
     num_layers: Annotated[int, typer.Option(min=1, help="Transformer mapper layers.")] = 2,
     prompt: Annotated[str, typer.Option(help="Text placed after the prefix, before the caption.")] = "",
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the captions [default: 5; with --resume: the run's own].")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(min=1)] = 100,
@@ -234,7 +241,7 @@ def train(
     torch_device = resolve_device(device.value)
     train_set = load_captions(data, split)
     val_set = load_captions(data, val_split) if val_split else None
-    with reporter(quiet) as r:
+    with reporter(quiet or _launched_rank()[0] > 0) as r:  # under torchrun/accelerate, the main process speaks
         r.line(f"train: {train_set.report()}")
         if val_set:
             r.line(f"val: {val_set.report()}")
@@ -247,12 +254,13 @@ def train(
             hidden_size=hidden_size or (1024 if mapper == MapperKind.mlp else 512), num_layers=num_layers,
             prompt=prompt,
         )
-        settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        settings = TrainSettings(epochs=epochs or 5, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                  max_caption_tokens=max_caption_tokens, seed=seed, max_steps=max_steps,
                                  checkpoint_every=checkpoint_every)
         cache = FeatureCache(features or cache_dir() / "features")
         record = fit(out, config, train_set, val_set, cache, image_encoder, language_model, torch_device, settings,
-                     resume=resume, report=r)
+                     resume=resume, report=r,
+                     resume_changes={k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None})
         r.line(f"model saved in {out}" + (f" (val loss {record['val_loss']:.3f})" if "val_loss" in record else ""))
 
 

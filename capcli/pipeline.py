@@ -65,9 +65,14 @@ class CaptionModel(nn.Module):
         prompt = embed(torch.tensor(self.prompt_ids, device=prefix.device))  # (Lp, E)
         return torch.cat([prefix, prompt.to(prefix.dtype).expand(prefix.shape[0], -1, -1)], dim=1)
 
-    def loss(self, features: torch.Tensor, caption_ids: list[list[int]]) -> torch.Tensor:
-        """Mean cross-entropy over caption tokens only. Logits are computed just where a label exists,
-        which skips the vocabulary projection for the prefix, the prompt and the padding."""
+    def forward(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None):
+        """The training loss (what DistributedDataParallel calls): see loss()."""
+        return self.loss(features, caption_ids, per_tokens)
+
+    def loss(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None) -> torch.Tensor:
+        """Cross-entropy summed over caption tokens only, divided by per_tokens (default: their number, a mean;
+        data-parallel training passes the global batch's count). Logits are computed just where a label
+        exists, which skips the vocabulary projection for the prefix, the prompt and the padding."""
         device = features.device
         longest = max(len(ids) for ids in caption_ids)
         pad = self.lm.tokenizer.pad_token_id
@@ -86,7 +91,8 @@ class CaptionModel(nn.Module):
         predicting = hidden[:, start: start + longest]  # (B, T, E)
         keep = labels != IGNORE_INDEX
         logits = self.lm.model.get_output_embeddings()(predicting[keep])  # (M, V), M caption tokens
-        return nn.functional.cross_entropy(logits.float(), labels[keep])
+        total = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        return total / (per_tokens or int(keep.sum()))
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, settings: GenerationSettings) -> list[list[str]]:

@@ -1,5 +1,10 @@
 """fit(): train the prefix mapper on cached features; the encoder and the LM stay frozen.
 
+Data-parallel under `torchrun` or `accelerate launch` (Hugging Face Accelerate sets up the process group
+and the device): every process walks the same seeded order of global batches and takes every N-th row
+of each, DistributedDataParallel averages the gradients, and only the main process writes files. The
+loss is normalised by the global batch's token count, so N processes take the same steps as one.
+
 A model dir holds config.json, mapper.safetensors, checkpoint.pt (optimizer, scheduler, step, RNG: for
 --resume) and train_log.jsonl (one JSON object per logged step and per epoch). Every write is atomic.
 """
@@ -65,8 +70,12 @@ class Reporter:
 
 def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | None, cache: FeatureCache,
         encoder, lm, device: torch.device, settings: TrainSettings, resume: bool = False,
-        report: Reporter = Reporter()) -> dict:
-    """Train, checkpointing as it goes; returns the last epoch's record."""
+        report: Reporter = Reporter(), resume_changes: dict | None = None) -> dict:
+    """Train, checkpointing as it goes; returns the last epoch's record.
+
+    A resumed run keeps its checkpoint's settings except those named in resume_changes
+    (epochs or max_steps, to lengthen or shorten it; the cosine schedule is stretched to the new end).
+    """
     out = Path(out)
     checkpoint_path = out / CHECKPOINT_FILE
     checkpoint = None
@@ -76,14 +85,21 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
         config = ModelConfig.load(out / CONFIG_FILE)
         check_matches(config, encoder, lm, out)
         checkpoint = load_checkpoint(checkpoint_path)
-        settings = dataclasses.replace(TrainSettings(**checkpoint["settings"]), epochs=settings.epochs)
+        settings = dataclasses.replace(TrainSettings(**checkpoint["settings"]), **(resume_changes or {}))
     elif checkpoint_path.exists():
         raise CapcliError(f"{out} already holds a training run: pass --resume to continue it, or choose a new --out")
 
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device, main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
+    if not main:
+        report = Reporter()  # one voice: the main process
     torch.manual_seed(settings.seed)
     model = CaptionModel(config, lm).to(device)
-    train_set = _features(train, model, cache, encoder, device, settings, report, "train")
-    val_set = _features(val, model, cache, encoder, device, settings, report, "val") if val else None
+    with accelerator.main_process_first():  # the main process fills the cache; the others then just read it
+        train_set = _features(train, model, cache, encoder, device, settings, report, "train")
+        val_set = _features(val, model, cache, encoder, device, settings, report, "val") if val else None
     config.training = {**dataclasses.asdict(settings), "train_images": len(train_set.images),
                        "train_captions": len(train_set.pairs), "data": str(train.source)}
     trainable = [p for p in model.mapper.parameters() if p.requires_grad]
@@ -103,14 +119,18 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
         report.line(f"resuming at step {step} of {total_steps}")
     else:
         model.mapper.norm.fit(train_set.features)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / CONFIG_FILE)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / CONFIG_FILE)
     report.line(f"training a {config.mapper} mapper ({sum(p.numel() for p in trainable):,} parameters) on "
                 f"{len(train_set.pairs)} captions of {len(train_set.images)} images: {settings.epochs} epochs of "
-                f"{steps_per_epoch} steps, batch {settings.batch_size}, on {device}")
+                f"{steps_per_epoch} steps, batch {settings.batch_size}, on {device}"
+                + (f" x {world} processes" if world > 1 else ""))
+    trained = accelerator.prepare_model(model)  # DistributedDataParallel when launched as several processes
 
     def save_checkpoint():
-        _save(out, model, optimizer, scheduler, step, settings)
+        if main:
+            _save(out, model, optimizer, scheduler, step, settings)
 
     record: dict = {}
     started, running = time.monotonic(), []
@@ -126,23 +146,28 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
                     break
                 rows = order[batch * settings.batch_size: (batch + 1) * settings.batch_size].tolist()
                 with autocast(device):
-                    loss = _batch_loss(model, train_set, rows, device)
+                    loss = _share_loss(trained, train_set, rows, accelerator.process_index, world, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                running.append(loss.item())
+                running.append(accelerator.reduce(loss.detach(), "mean").item() if world > 1 else loss.item())
                 advance(1)
-                if step % settings.log_every == 0:
+                if step % settings.log_every == 0 and main:
                     _log(out, {"step": step, "epoch": epoch + 1, "loss": sum(running) / len(running),
                                "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.monotonic() - started, 1)})
+                if step % settings.log_every == 0:
                     running = []
                 if step % settings.checkpoint_every == 0:
                     save_checkpoint()
             save_checkpoint()
-            record = _end_of_epoch(model, train_set, val_set, epoch + 1, step, settings, device, started, out, report)
+            if main:
+                record = _end_of_epoch(model, train_set, val_set, epoch + 1, step, settings, device, started, out,
+                                       report)
+            accelerator.wait_for_everyone()
+    accelerator.end_training()  # leaves the process group cleanly (an abort at exit otherwise)
     return record
 
 
@@ -166,6 +191,18 @@ def _features(data: CaptionSet, model: CaptionModel, cache: FeatureCache, encode
     pairs = [(index[p], c) for p, c in data.pairs if p in index]
     ids = model.tokenize([c for _, c in pairs], settings.max_caption_tokens)
     return FeatureSet(features, [(i, t) for (i, _), t in zip(pairs, ids)], kept)
+
+
+def _share_loss(trained, data: FeatureSet, rows: list[int], rank: int, world: int, device) -> torch.Tensor:
+    """This process's part of a global batch: rows rank, rank + world, ... Its loss is divided by the global
+    batch's token count and multiplied by world, so that DDP's mean of the gradients is the full batch's."""
+    tokens = sum(len(data.pairs[r][1]) for r in rows)
+    mine = rows[rank::world]
+    weight = world
+    if not mine:  # a last batch smaller than the number of processes: join the all-reduce with nothing
+        mine, weight = rows[:1], 0
+    features = data.features[[data.pairs[r][0] for r in mine]].to(device).float()
+    return trained(features, [data.pairs[r][1] for r in mine], tokens) * weight
 
 
 def _batch_loss(model: CaptionModel, data: FeatureSet, rows: list[int], device) -> torch.Tensor:

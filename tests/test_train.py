@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import capcli.train
+from capcli.pipeline import CaptionModel
 from capcli.cli import app
 
 runner = CliRunner()
@@ -29,20 +29,20 @@ def test_interrupted_training_resumes_to_the_same_result(shapes_data, tiny_lm, t
     assert train(shapes_data, tiny_lm, straight).exit_code == 0
 
     calls = {"n": 0}
-    real_batch_loss = capcli.train._batch_loss
+    real_loss = CaptionModel.loss
 
     def interrupt_on_sixth_call(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 6:  # in epoch 2, after 4 training steps and one validation batch
             raise KeyboardInterrupt
-        return real_batch_loss(*args, **kwargs)
+        return real_loss(*args, **kwargs)
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(capcli.train, "_batch_loss", interrupt_on_sixth_call)
+    monkeypatch.setattr(CaptionModel, "loss", interrupt_on_sixth_call)
     result = train(shapes_data, tiny_lm, interrupted)
     assert result.exit_code == 130
     assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(capcli.train, "_batch_loss", real_batch_loss)
+    monkeypatch.setattr(CaptionModel, "loss", real_loss)
 
     result = train(shapes_data, tiny_lm, interrupted, "--resume")
     assert result.exit_code == 0, result.output
