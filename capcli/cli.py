@@ -18,6 +18,7 @@ import typer
 from capcli import __version__
 from capcli.errors import EXIT_INTERRUPTED, EXIT_SOME_INPUTS_FAILED, CapcliError
 from capcli.lm import DEFAULT_LM  # capcli.lm imports torch lazily, so --help stays fast
+from capcli.shards import job_shard, launched_rank
 
 app = typer.Typer(
     name="capcli",
@@ -63,6 +64,9 @@ ModelOpt = Annotated[Optional[Path], typer.Option(help="Model dir (default: the 
 BeamsOpt = Annotated[Optional[int], typer.Option(min=1, help="Beam search width (1: greedy).")]
 MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, in tokens.")]
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    help="Take part I of N (0 <= I < N) of the inputs, by a stable hash of each path relative to the root "
+         "given: e.g. --shard $SLURM_ARRAY_TASK_ID/100.")]
 
 
 def _err(message: str) -> None:
@@ -127,13 +131,6 @@ def reporter(quiet: bool):
         r.close()
 
 
-def _launched_rank() -> tuple[int, int]:
-    """(rank, world size) set by torchrun or accelerate launch; (0, 1) for a plain run."""
-    import os
-
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _version(value: bool):
     if value:
         typer.echo(f"capcli {__version__}")
@@ -166,12 +163,15 @@ def extract(
     split: Annotated[Optional[Path], typer.Option(help="File naming the images to use, one a line.")] = None,
     encoder: EncoderOpt = DEFAULT_ENCODER,
     encoder_weights: EncoderWeightsOpt = None,
+    shard: ShardOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     quiet: QuietOpt = False,
 ):
-    """Encode every image of a data set once into a feature cache (only what is missing)."""
+    """Encode every image of a data set once into a feature cache (only what is missing).
+    Several extract jobs (--shard, or launched processes) may share one cache."""
+    import os
     import time
 
     from capcli.data import load_captions
@@ -184,17 +184,22 @@ def extract(
     captions = load_captions(data, split)
     cache = FeatureCache(out or cache_dir() / "features")
     model = load_encoder(encoder, encoder_weights)
+    part = job_shard(shard)
+    root = data if data.is_dir() else data.parent
+    images = [p for p in captions.images if Path(os.path.relpath(p, root)).as_posix() in part]
     with reporter(quiet) as r:
         r.line(captions.report())
+        if not part.everything:
+            r.line(f"{part.describe()}: {len(images)} of {len(captions.images)} images")
         started = time.monotonic()
-        _, encoded, failures = run_extract(captions.images, model, cache, torch_device, batch_size, workers,
-                                           progress=r.progress(len(captions.images), "extract"))
+        _, encoded, failures = run_extract(images, model, cache, torch_device, batch_size, workers,
+                                           progress=r.progress(len(images), "extract"))
         seconds = time.monotonic() - started
         r.close()
         for path, reason in failures:
             _err(f"{path}: {reason}")
         rate = f" ({encoded / seconds:.1f} images/s)" if encoded else ""
-        r.line(f"encoded {encoded} images in {seconds:.1f} s{rate}; {len(captions.images) - encoded - len(failures)} "
+        r.line(f"encoded {encoded} images in {seconds:.1f} s{rate}; {len(images) - encoded - len(failures)} "
                f"were cached already (or copies of another image); {len(failures)} failed; cache: {cache.folder}")
     if failures:
         raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
@@ -241,7 +246,7 @@ def train(
     torch_device = resolve_device(device.value)
     train_set = load_captions(data, split)
     val_set = load_captions(data, val_split) if val_split else None
-    with reporter(quiet or _launched_rank()[0] > 0) as r:  # under torchrun/accelerate, the main process speaks
+    with reporter(quiet or launched_rank()[0] > 0) as r:  # under torchrun/accelerate, the main process speaks
         r.line(f"train: {train_set.report()}")
         if val_set:
             r.line(f"val: {val_set.report()}")
@@ -285,26 +290,38 @@ def caption(
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
+    shard: ShardOpt = None,
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     quiet: QuietOpt = False,
 ):
-    """Caption images. Output goes to stdout (or -o FILE); progress and problems to stderr."""
-    from capcli.images import find_images
-    from capcli.output import CaptionWriter, done_images, write_sidecar
-    from capcli.pipeline import Captioner
+    """Caption images. Output goes to stdout (or -o FILE); progress and problems to stderr.
+
+    Under torchrun or accelerate launch, each process captions its share of the inputs into FILE.partRofN
+    and the main process merges the parts into FILE when all are done."""
+    from capcli.images import find_images_keyed
+    from capcli.output import done_images, part_path
 
     if resume and output is None:
         raise CapcliError("--resume needs -o FILE (the file to continue)")
     if sidecar is not None and not sidecar.startswith("."):
         raise CapcliError("--sidecar takes a suffix starting with a dot, e.g. --sidecar .txt")
-    images = list(dict.fromkeys(find_images(paths, recursive)))
-    if not images:
+    part = job_shard(shard)
+    if part.world > 1 and output is None and not sidecar:
+        raise CapcliError("with several launched processes, give -o FILE (each writes a part, merged at the end) "
+                          "or --sidecar")
+    found = dict(find_images_keyed(paths, recursive))  # path -> shard key; a path named twice is captioned once
+    if not found:
         raise CapcliError("no images found in the given paths" + ("" if recursive else " (use -r to walk subfolders)"))
+    images = [path for path, key in found.items() if key in part]
+    final_output = output
+    if part.world > 1 and output is not None:
+        output = part_path(output, part.rank, part.world)
     skipped = 0
     if output is not None and resume:
-        done = done_images(output, format.value)
+        done = done_images(output, format.value) | (done_images(final_output, format.value)
+                                                    if final_output != output else set())
         before = len(images)
         images = [p for p in images if str(p) not in done]
         skipped = before - len(images)
@@ -315,49 +332,89 @@ def caption(
 
     failures = 0
     with reporter(quiet) as r:
+        if not part.everything:
+            r.line(f"{part.describe()}: {len(images) + skipped} of {len(found)} images")
         if skipped:
             r.line(f"skipping {skipped} images already captioned")
-        if not images:
-            return
-        captioner = Captioner.load(model, device=device.value)
-        if prompt is not None:
-            captioner.model.set_prompt(prompt)
-        settings = captioner.settings(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, seed=seed, num_captions=num_captions,
-                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
-        stream = None
-        if output is not None:
-            try:
-                fresh = not (resume and output.exists() and output.stat().st_size > 0)
-                stream = open(output, "a" if resume else "w", encoding="utf-8", newline="")
-            except OSError as exc:
-                raise CapcliError(f"{output}: cannot write ({exc.strerror})") from None
-        writer = None if (sidecar and output is None) else CaptionWriter(stream or sys.stdout, format.value,
-                                                                          write_header=stream is None or fresh)
-        advance = r.progress(len(images), "caption")
-        try:
-            for path, result in captioner.caption_paths(images, settings, batch_size, workers):
-                advance(1)
-                if isinstance(result, Exception):
-                    failures += 1
-                    _err(f"{path}: {result.reason}")
-                    continue
-                try:
-                    if sidecar:
-                        write_sidecar(path, sidecar, result)
-                    if writer:
-                        writer.write(path, result)
-                except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
-                    where = path.with_suffix(sidecar) if sidecar else (output or "stdout")
-                    raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
-                                      f"before it are complete and kept") from None
-        finally:
-            if stream is not None:
-                stream.close()
-        r.close()
-        r.line(f"captioned {len(images) - failures} images; {failures} failed")
+        if images:
+            # Only part 0 of a sharded job writes the CSV header, so its parts concatenate into one CSV.
+            csv_header = part.index == 0 and part.rank == 0 and not (
+                resume and not (_empty(output) and _empty(final_output)))
+            decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, num_captions=num_captions, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens)
+            failures = _caption_images(images, r, model, device, prompt, output, resume, sidecar, format, csv_header,
+                                       decoding, batch_size, workers)
+        if part.world > 1 and final_output is not None:
+            _merge_launched_parts(final_output, part, resume, r)
     if failures:
         raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
+
+
+def _empty(path: Optional[Path]) -> bool:
+    return path is None or not path.exists() or path.stat().st_size == 0
+
+
+def _merge_launched_parts(output: Path, part, resume: bool, r) -> None:
+    """Wait for every launched process, then the main one concatenates the parts into output."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from capcli.output import merge_parts, part_path
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # a CPU barrier, whatever the devices
+    try:
+        dist.barrier()
+        if part.rank == 0:
+            merge_parts(output, [part_path(output, rank, part.world) for rank in range(part.world)], append=resume)
+            r.line(f"merged {part.world} parts into {output}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _caption_images(images: list[Path], r, model, device, prompt, output: Optional[Path], resume: bool,
+                    sidecar: Optional[str], format, csv_header: bool, decoding: dict, batch_size: int,
+                    workers: Optional[int]) -> int:
+    """Caption `images` into output (or stdout) and sidecars; returns the number that failed."""
+    from capcli.output import CaptionWriter, write_sidecar
+    from capcli.pipeline import Captioner
+
+    captioner = Captioner.load(model, device=device.value)
+    if prompt is not None:
+        captioner.model.set_prompt(prompt)
+    settings = captioner.settings(**decoding)
+    stream = None
+    if output is not None:
+        try:
+            stream = open(output, "a" if resume else "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise CapcliError(f"{output}: cannot write ({exc.strerror})") from None
+    writer = None if (sidecar and output is None) else CaptionWriter(stream or sys.stdout, format.value, csv_header)
+    failures = 0
+    advance = r.progress(len(images), "caption")
+    try:
+        for path, result in captioner.caption_paths(images, settings, batch_size, workers):
+            advance(1)
+            if isinstance(result, Exception):
+                failures += 1
+                _err(f"{path}: {result.reason}")
+                continue
+            try:
+                if sidecar:
+                    write_sidecar(path, sidecar, result)
+                if writer:
+                    writer.write(path, result)
+            except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
+                where = path.with_suffix(sidecar) if sidecar else (output or "stdout")
+                raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
+                                  f"before it are complete and kept") from None
+    finally:
+        if stream is not None:
+            stream.close()
+    r.close()
+    r.line(f"captioned {len(images) - failures} images; {failures} failed")
+    return failures
 
 
 @app.command("eval")

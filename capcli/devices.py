@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -15,8 +16,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit device must exist."""
     name = (name or "auto").lower()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+        if torch.cuda.is_available():  # under torchrun / accelerate launch: this process's own GPU
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

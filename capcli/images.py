@@ -69,25 +69,30 @@ def _to_rgb(img):
 def find_images(inputs: Iterable[str], recursive: bool = False, stdin=None) -> Iterator[Path]:
     """Expand files, folders (`recursive` walks below), globs and `-` (paths from stdin, one a line).
     Named files are yielded as given, images or not, so a bad one is reported rather than ignored."""
+    return (path for path, _ in find_images_keyed(inputs, recursive, stdin))
+
+
+def find_images_keyed(inputs: Iterable[str], recursive: bool = False, stdin=None) -> Iterator[tuple[Path, str]]:
+    """find_images, with each path's shard key: its path relative to the folder given, or as given."""
     for item in inputs:
         if item == "-":
             for line in stdin or sys.stdin:
                 line = line.rstrip("\r\n")
                 if line:
-                    yield Path(line)
+                    yield Path(line), Path(line).as_posix()
             continue
         path = Path(item)
         if path.is_dir():
-            yield from _walk(path, recursive)
+            yield from ((p, p.relative_to(path).as_posix()) for p in _walk(path, recursive))
         elif path.exists() or path.is_symlink():
-            yield path
+            yield path, path.as_posix()
         elif glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
-            yield from (Path(m) for m in matches if not Path(m).is_dir())
+            yield from ((Path(m), Path(m).as_posix()) for m in matches if not Path(m).is_dir())
             if not matches:
-                yield path  # reported later as "no such file"
+                yield path, path.as_posix()  # reported later as "no such file"
         else:
-            yield path
+            yield path, path.as_posix()
 
 
 def _walk(folder: Path, recursive: bool) -> Iterator[Path]:

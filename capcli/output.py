@@ -76,3 +76,32 @@ def done_images(path: Path, fmt: str) -> set[str]:
 
 def write_sidecar(image: Path, suffix: str, captions: list[str]) -> None:
     atomic_write_text(image.with_suffix(suffix), "\n".join(captions) + "\n")
+
+
+def part_path(output: Path, rank: int, world: int) -> Path:
+    """Where launched process `rank` writes its captions before the main process merges them into output."""
+    return output.with_name(f"{output.name}.part{rank}of{world}")
+
+
+def merge_parts(output: Path, parts: list[Path], append: bool) -> None:
+    """Concatenate the parts (in rank order) into output, after what it holds when appending; atomic;
+    then remove the parts. Only part 0 carries a CSV header, so plain concatenation is right."""
+    import os
+    import shutil
+
+    from capcli.files import temporary_sibling
+
+    tmp = temporary_sibling(output)
+    try:
+        with open(tmp, "wb") as merged:
+            for source in ([output] if append and output.exists() else []) + [p for p in parts if p.exists()]:
+                with open(source, "rb") as f:
+                    shutil.copyfileobj(f, merged)
+            merged.flush()
+            os.fsync(merged.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for part in parts:
+        part.unlink(missing_ok=True)

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import make_images
+
+from capcli.shards import Shard
 
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-4  # 2 processes sum the same per-token losses in a different order: float rounding only
@@ -62,3 +64,54 @@ def test_two_processes_train_like_one_and_resume_with_a_different_number(shapes_
     run(ONE_PROCESS, train_command(shapes_data, tiny_lm, one, "--epochs", "3", "--resume"))
     run(ONE_PROCESS, train_command(shapes_data, tiny_lm, two, "--epochs", "3", "--resume"))
     assert same(val_losses(one), val_losses(two)) and len(val_losses(one)) == 3
+
+
+def test_shards_cover_every_input_exactly_once_whatever_the_listing():
+    keys = [f"photos/{n:05d}.jpg" for n in range(3000)]
+    parts = [[k for k in keys if k in Shard(i, 7)] for i in range(7)]
+    assert sorted(sum(parts, [])) == keys  # every key in exactly one part
+    assert min(map(len, parts)) > 3000 / 7 * 0.8  # and the parts are even
+    # Split again across 2 launched processes: together they are exactly the shard.
+    halves = [[k for k in keys if k in Shard(3, 7, rank, 2)] for rank in range(2)]
+    assert sorted(sum(halves, [])) == parts[3] and all(halves)
+
+
+def test_caption_shards_concatenate_into_the_full_output(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    make_images(folder / "a", 5)
+    make_images(folder / "b", 3)
+    full = run(ONE_PROCESS, ["caption", str(folder), "-r", "--model", str(tiny_model), "-f", "csv", "-q"]).stdout
+    parts = [run(ONE_PROCESS, ["caption", str(folder), "-r", "--model", str(tiny_model), "-f", "csv", "-q",
+                               "--shard", f"{i}/3"]).stdout for i in range(3)]
+    assert sorted("".join(parts).splitlines()) == sorted(full.splitlines())  # one header, each image once
+    assert "".join(parts).splitlines()[0] == "image,caption"
+
+    # The same folder mounted elsewhere (another machine's path) gives the same shards.
+    moved = tmp_path / "elsewhere" / "photos"
+    moved.parent.mkdir()
+    folder.rename(moved)
+    again = run(ONE_PROCESS, ["caption", str(moved), "-r", "--model", str(tiny_model), "-f", "csv", "-q",
+                              "--shard", "1/3"]).stdout
+    assert again == parts[1].replace(str(folder), str(moved))
+
+
+def test_launched_caption_processes_merge_into_one_output(tiny_model, tmp_path, read_jsonl):
+    images = make_images(tmp_path / "photos", 7)
+    out = tmp_path / "captions.jsonl"
+    # The README's command: torchrun --standalone --nproc_per_node 2 -m capcli caption ... -o FILE
+    result = run(TWO_PROCESSES, ["caption", str(tmp_path / "photos"), "--model", str(tiny_model), "-f", "jsonl",
+                                 "-o", str(out)])
+    assert sorted(r["image"] for r in read_jsonl(out.read_text())) == sorted(map(str, images))
+    assert "merged 2 parts" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "photos"]  # no parts left over
+
+
+def test_extract_shards_fill_one_cache(shapes_data, tmp_path):
+    def extract(cache: Path, *extra: str) -> int:
+        result = run(ONE_PROCESS, ["extract", "--data", str(shapes_data), "--out", str(cache), "--encoder",
+                                   "tiny-random-cnn", *extra])
+        return int(result.stderr.split("encoded ")[1].split()[0])
+
+    shards = [extract(tmp_path / "shared", "--shard", f"{i}/2") for i in range(2)]
+    assert all(shards) and sum(shards) == extract(tmp_path / "whole")  # same work, split in two
+    assert extract(tmp_path / "shared") == 0  # the two shards left nothing missing
