@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import make_images
 
 from capcli.shards import Shard
@@ -76,31 +77,47 @@ def test_shards_cover_every_input_exactly_once_whatever_the_listing():
     assert sorted(sum(halves, [])) == parts[3] and all(halves)
 
 
-def test_caption_shards_concatenate_into_the_full_output(tiny_model, tmp_path):
+def test_caption_shards_concatenate_into_the_full_output(tiny_model, tmp_path, read_jsonl):
     folder = tmp_path / "photos"
     make_images(folder / "a", 5)
     make_images(folder / "b", 3)
-    full = run(ONE_PROCESS, ["caption", str(folder), "-r", "--model", str(tiny_model), "-f", "csv", "-q"]).stdout
-    parts = [run(ONE_PROCESS, ["caption", str(folder), "-r", "--model", str(tiny_model), "-f", "csv", "-q",
-                               "--shard", f"{i}/3"]).stdout for i in range(3)]
-    assert sorted("".join(parts).splitlines()) == sorted(full.splitlines())  # one header, each image once
+    model = ["--model", str(tiny_model), "-q"]
+
+    # The README's Slurm array, 3 tasks: a listing on stdin, one part file per task, then cat.
+    listing = "".join(f"{p}\n" for p in sorted(folder.rglob("*.png")))
+    for i in range(3):
+        subprocess.run([*ONE_PROCESS, "caption", "-", "--shard", f"{i}/3", "-f", "jsonl", "-o",
+                        str(tmp_path / f"part-{i}.jsonl"), "--resume", *model], input=listing, text=True, check=True)
+    merged = "".join((tmp_path / f"part-{i}.jsonl").read_text() for i in range(3))
+    assert sorted(r["image"] for r in read_jsonl(merged)) == listing.split()  # each image exactly once
+
+    # CSV parts: only part 0 has the header, so concatenation is one CSV.
+    full = run(ONE_PROCESS, ["caption", str(folder), "-r", "-f", "csv", *model]).stdout
+    parts = [run(ONE_PROCESS, ["caption", str(folder), "-r", "-f", "csv", "--shard", f"{i}/3", *model]).stdout
+             for i in range(3)]
     assert "".join(parts).splitlines()[0] == "image,caption"
+    assert sorted("".join(parts).splitlines()) == sorted(full.splitlines())
 
     # The same folder mounted elsewhere (another machine's path) gives the same shards.
     moved = tmp_path / "elsewhere" / "photos"
     moved.parent.mkdir()
     folder.rename(moved)
-    again = run(ONE_PROCESS, ["caption", str(moved), "-r", "--model", str(tiny_model), "-f", "csv", "-q",
-                              "--shard", "1/3"]).stdout
+    again = run(ONE_PROCESS, ["caption", str(moved), "-r", "-f", "csv", "--shard", "1/3", *model]).stdout
     assert again == parts[1].replace(str(folder), str(moved))
 
 
-def test_launched_caption_processes_merge_into_one_output(tiny_model, tmp_path, read_jsonl):
+# The README's commands for one node: torchrun or accelerate launch, then caption ... -o FILE.
+LAUNCHERS = {"torchrun": TWO_PROCESSES,
+             "accelerate": [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "capcli"]}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launched_caption_processes_merge_into_one_output(launcher, tiny_model, tmp_path, read_jsonl):
     images = make_images(tmp_path / "photos", 7)
     out = tmp_path / "captions.jsonl"
-    # The README's command: torchrun --standalone --nproc_per_node 2 -m capcli caption ... -o FILE
-    result = run(TWO_PROCESSES, ["caption", str(tmp_path / "photos"), "--model", str(tiny_model), "-f", "jsonl",
-                                 "-o", str(out)])
+    result = run(LAUNCHERS[launcher], ["caption", str(tmp_path / "photos"), "--model", str(tiny_model), "-f", "jsonl",
+                                       "-o", str(out)])
     assert sorted(r["image"] for r in read_jsonl(out.read_text())) == sorted(map(str, images))
     assert "merged 2 parts" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "photos"]  # no parts left over
@@ -115,3 +132,9 @@ def test_extract_shards_fill_one_cache(shapes_data, tmp_path):
     shards = [extract(tmp_path / "shared", "--shard", f"{i}/2") for i in range(2)]
     assert all(shards) and sum(shards) == extract(tmp_path / "whole")  # same work, split in two
     assert extract(tmp_path / "shared") == 0  # the two shards left nothing missing
+
+    # No per-host state: another host mounting the cache and the images elsewhere finds every feature.
+    (tmp_path / "shared").rename(tmp_path / "mounted")
+    shapes_data.rename(tmp_path / "data-elsewhere")
+    shapes_data = tmp_path / "data-elsewhere"
+    assert extract(tmp_path / "mounted") == 0
