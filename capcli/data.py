@@ -64,6 +64,9 @@ def load_captions(data: Path, split: Path | None = None) -> CaptionSet:
     wanted = _read_split(split) if split is not None else None
     exists: dict[str, bool] = {}  # one stat per image, not per caption
     for name, caption in rows:
+        if name is None:
+            result.skip("malformed rows", caption)
+            continue
         if wanted is not None and name not in wanted and Path(name).name not in wanted:
             continue
         caption = " ".join((caption or "").split())
@@ -143,20 +146,23 @@ def _jsonl_rows(file: Path, text: str) -> list[tuple[str, str]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "image" not in record or "caption" not in record:
-            raise DataError(f"{file}:{number}: each line needs the fields 'image' and 'caption'")
-        captions = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
-        rows.extend((str(record["image"]), str(c)) for c in captions)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            rows.append((None, f"line {number}: not a JSON object"))  # counted and skipped
+            continue
+        captions = record.get("caption", "")
+        for caption in captions if isinstance(captions, list) else [captions]:
+            rows.append((str(record.get("image") or ""), str(caption or "")))
     return rows
 
 
 def _coco_rows(file: Path) -> list[tuple[str, str]]:
     try:
         data = json.loads(_read_text(file))
-        names = {image["id"]: image["file_name"] for image in data["images"]}
-        return [(names.get(a["image_id"], ""), a["caption"]) for a in data["annotations"]]
+        names = {image["id"]: image["file_name"] for image in data["images"]
+                 if isinstance(image, dict) and "id" in image and "file_name" in image}
+        return [(names.get(a.get("image_id"), ""), str(a.get("caption") or "")) for a in data["annotations"]]
     except json.JSONDecodeError as exc:
         raise DataError(f"{file}: not valid JSON ({exc.msg})") from None
     except (KeyError, TypeError):

@@ -104,3 +104,23 @@ def test_real_data_sets_read_completely():
     assert sum(len(c) for c in train.captions.values()) > 29_900
     coco = load_captions(SHARED / "coco-mini")
     assert (len(coco.captions), len(coco.pairs)) == (80, 400)
+
+
+def test_manifest_rows_missing_fields_or_absolute_paths_are_counted(tmp_path):
+    image(tmp_path / "a.jpg")
+    (tmp_path / "captions.jsonl").write_text(
+        '{"image": "a.jpg", "caption": "fine"}\n{"image": "a.jpg"}\n{"caption": "no image"}\n'
+        '{"image": "/etc/passwd", "caption": "absolute"}\nnot json\n')
+    data = load_captions(tmp_path / "captions.jsonl")
+    assert names(data) == {"a.jpg": ["fine"]}
+    assert data.skipped == {"empty captions": 1, "rows without an image": 1, "paths outside the data folder": 1,
+                            "malformed rows": 1}
+    assert "line 5: not a JSON object" in data.report()
+
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2}],
+            "annotations": [{"image_id": 1, "caption": "fine"}, {"image_id": 1}, {"image_id": 2, "caption": "x"},
+                            {"image_id": 9, "caption": "unknown image id"}, {"caption": "no id"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    data = load_captions(tmp_path / "captions.json")
+    assert names(data) == {"a.jpg": ["fine"]}
+    assert sum(data.skipped.values()) == 4, data.skipped
