@@ -73,10 +73,20 @@ def _err(message: str) -> None:
     typer.echo(f"capcli: {message}", err=True)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def command(fn):
-    """Turn CapcliError into one line on stderr and its exit status; Ctrl-C into status 130."""
+    """Turn CapcliError into one line on stderr and its exit status; Ctrl-C or SIGTERM into status 130
+    (after the command has kept what it finished: complete output records, cache shards, a checkpoint)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # a batch scheduler's stop is a Ctrl-C
         try:
             return fn(*args, **kwargs)
         except CapcliError as exc:
@@ -411,7 +421,10 @@ def _caption_images(images: list[Path], r, model, device, prompt, output: Option
                                   f"before it are complete and kept") from None
     finally:
         if stream is not None:
-            stream.close()
+            try:
+                stream.close()
+            except OSError:  # every record was flushed as written; a failed one was reported above
+                pass
     r.close()
     r.line(f"captioned {len(images) - failures} images; {failures} failed")
     return failures

@@ -139,20 +139,24 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
         shas, files = list(todo), list(todo.values())
         buffer: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
         buffered = 0
-        for indices, images, failed in image_batches(files, encoder.preprocess, batch_size, workers):
-            for i, reason in failed:
-                failures.append((files[i], reason))
-                failed_shas.add(shas[i])
-            if images is not None:
-                with torch.inference_mode(), autocast(device):
-                    grid = encoder(images.to(device)).float()  # (B, N, D)
-                buffer.append(([shas[i] for i in indices], grid.mean(1).cpu(), grid.cpu()))
-                buffered += len(indices)
-                encoded += len(indices)
-            if buffered >= SHARD_SIZE:
-                _flush(cache, encoder.encoder_id, buffer)
-                buffer, buffered = [], 0
-            progress(len(indices) + len(failed))
+        try:
+            for indices, images, failed in image_batches(files, encoder.preprocess, batch_size, workers):
+                for i, reason in failed:
+                    failures.append((files[i], reason))
+                    failed_shas.add(shas[i])
+                if images is not None:
+                    with torch.inference_mode(), autocast(device):
+                        grid = encoder(images.to(device)).float()  # (B, N, D)
+                    buffer.append(([shas[i] for i in indices], grid.mean(1).cpu(), grid.cpu()))
+                    buffered += len(indices)
+                    encoded += len(indices)
+                if buffered >= SHARD_SIZE:
+                    _flush(cache, encoder.encoder_id, buffer)
+                    buffer, buffered = [], 0
+                progress(len(indices) + len(failed))
+        except KeyboardInterrupt:
+            _flush(cache, encoder.encoder_id, buffer)  # keep what was encoded before the stop
+            raise
         _flush(cache, encoder.encoder_id, buffer)
     digests = {path: sha for path, sha in digests.items() if sha not in failed_shas}  # copies of a bad file too
     return digests, encoded, failures

@@ -18,22 +18,22 @@ def distinct_images(data):
 
 def test_interrupted_extract_keeps_finished_shards_and_fills_in_the_rest(shapes_data, tmp_path, monkeypatch):
     monkeypatch.setattr(capcli.features, "SHARD_SIZE", 8)
-    real_add, calls = FeatureCache.add, {"n": 0}
+    real_batches = capcli.features.image_batches
 
-    def interrupt_second_shard(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_add(self, *args, **kwargs)
+    def interrupted_after_three_batches(*args, **kwargs):
+        for n, batch in enumerate(real_batches(*args, **kwargs)):
+            if n == 3:
+                raise KeyboardInterrupt  # after one full shard (8 images) and 4 more images in the buffer
+            yield batch
 
-    monkeypatch.setattr(FeatureCache, "add", interrupt_second_shard)
+    monkeypatch.setattr(capcli.features, "image_batches", interrupted_after_three_batches)
     args = ["extract", "--data", str(shapes_data), "--out", str(tmp_path / "f"), "--encoder", "tiny-random-cnn",
             "--batch-size", "4", "--workers", "0"]
     assert runner.invoke(app, args).exit_code == 130
-    monkeypatch.setattr(FeatureCache, "add", real_add)
+    monkeypatch.setattr(capcli.features, "image_batches", real_batches)
     result = runner.invoke(app, args)
     assert result.exit_code == 0
-    assert f"encoded {distinct_images(shapes_data) - 8} images" in result.stderr
+    assert f"encoded {distinct_images(shapes_data) - 12} images" in result.stderr  # the buffer was kept too
 
 
 def test_two_extract_processes_can_share_one_cache(shapes_data, tmp_path):

@@ -1,0 +1,127 @@
+"""Unattended jobs: a stop signal, a full disk or a second job on the same folder loses no finished work
+and leaves no half-written file."""
+
+import errno
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_images
+from PIL import Image
+from typer.testing import CliRunner
+
+import capcli.output
+from capcli.cli import app
+
+CAPCLI = [sys.executable, "-m", "capcli"]
+
+
+def wait_for(condition, job: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before it could be interrupted: " + job.stderr.read()[-2000:]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_caption_job_keeps_whole_records_and_resume_finishes_it(stop, tiny_model, tmp_path):
+    images = make_images(tmp_path / "photos", 120)
+    out = tmp_path / "captions.jsonl"
+    command = [*CAPCLI, "caption", str(tmp_path / "photos"), "--model", str(tiny_model), "-f", "jsonl", "-o",
+               str(out), "--batch-size", "1", "--workers", "0", "--quiet"]
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(lines(out)) >= 3, job)
+    job.send_signal(stop)
+    assert job.wait(timeout=60) == 130
+    first = [json.loads(line) for line in lines(out)]  # every record whole
+    assert 3 <= len(first) < len(images)
+
+    subprocess.run([*command, "--resume"], check=True)
+    captioned = [json.loads(line)["image"] for line in lines(out)]
+    assert sorted(captioned) == sorted(map(str, images))  # each image exactly once
+
+
+def test_a_stopped_extract_keeps_what_it_encoded(tmp_path):
+    (tmp_path / "data").mkdir()
+    images = [tmp_path / "data" / f"{n}.jpg" for n in range(300)]
+    for n, path in enumerate(images):  # distinct photos, large enough that encoding takes a few seconds
+        Image.effect_noise((384, 384), 20 + n % 60).convert("RGB").save(path, quality=95)
+    (tmp_path / "data" / "captions.csv").write_text(
+        "image,caption\n" + "".join(f"{p.name},a shape {n}\n" for n, p in enumerate(images)))
+    cache = tmp_path / "features"
+    command = [*CAPCLI, "extract", "--data", str(tmp_path / "data"), "--out", str(cache), "--encoder",
+               "tiny-random-cnn", "--batch-size", "1", "--workers", "0"]
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+
+    def hashed_every_file():  # extract hashes every file, then encodes
+        try:
+            with sqlite3.connect(cache / "index.sqlite", timeout=1) as db:
+                return db.execute("SELECT count(*) FROM files").fetchone()[0] == len(images)
+        except sqlite3.Error:
+            return False
+
+    wait_for(hashed_every_file, job)
+    time.sleep(0.3)  # into the encoding
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 130
+    with sqlite3.connect(cache / "index.sqlite") as db:
+        kept = db.execute("SELECT count(*) FROM features").fetchone()[0]
+    assert 0 < kept < len(images)  # the encoded part was written out before exiting
+
+    rerun = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert f"encoded {len(images) - kept} images" in rerun.stderr  # only what was missing
+
+
+def test_two_caption_jobs_writing_sidecars_into_one_folder(tiny_model, tmp_path):
+    images = make_images(tmp_path / "photos", 40)
+    command = [*CAPCLI, "caption", str(tmp_path / "photos"), "--model", str(tiny_model), "--sidecar", ".txt",
+               "--existing", "overwrite", "--batch-size", "2", "--workers", "0", "--quiet"]
+    jobs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [job.wait(timeout=300) for job in jobs] == [0, 0], [job.stderr.read() for job in jobs]
+    for image in images:  # each sidecar is one whole caption, and no temporary file is left
+        text = image.with_suffix(".txt").read_text()
+        assert text.endswith("\n") and text.count("\n") == 1
+    assert sorted(p.suffix for p in (tmp_path / "photos").iterdir()) == [".png"] * 40 + [".txt"] * 40
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_keeps_written_records(tiny_model, tmp_path, monkeypatch):
+    images = make_images(tmp_path / "photos", 6)
+    runner = CliRunner()
+    # A real ENOSPC from the kernel: /dev/full refuses every write.
+    result = runner.invoke(app, ["caption", str(images[0]), "--model", str(tiny_model), "-o", "/dev/full"])
+    assert result.exit_code == 2 and "No space left on device" in result.stderr, result.output
+
+    # The disk fills after 3 records: those stay whole; the job stops with one line.
+    out = tmp_path / "captions.jsonl"
+    real_write, written = capcli.output.CaptionWriter._write, []
+
+    def disk_fills(self, row):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(row)
+        real_write(self, row)
+
+    monkeypatch.setattr(capcli.output.CaptionWriter, "_write", disk_fills)
+    result = runner.invoke(app, ["caption", str(tmp_path / "photos"), "--model", str(tiny_model), "-f", "jsonl",
+                                 "-o", str(out), "--batch-size", "1"])
+    assert result.exit_code == 2 and f"cannot write {out} (No space left on device)" in result.stderr
+    assert [json.loads(line)["image"] for line in lines(out)] == [str(p) for p in images[:3]]
+
+    # A sidecar that cannot be written completely is not left half-written.
+    def no_space(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(capcli.output.CaptionWriter, "_write", real_write)
+    monkeypatch.setattr("os.fsync", lambda fd: no_space(fd, b""))
+    result = runner.invoke(app, ["caption", str(images[0]), "--model", str(tiny_model), "--sidecar", ".txt"])
+    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == sorted(p.name for p in images)
