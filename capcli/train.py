@@ -17,6 +17,7 @@ import json
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -134,7 +135,7 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
 
     record: dict = {}
     started, running = time.monotonic(), []
-    with _interrupts_save(save_checkpoint, report):
+    with _leaving_process_group(accelerator), _interrupts_save(save_checkpoint, report):
         advance = report.progress(total_steps - step, "train")
         for epoch in range(step // steps_per_epoch, settings.epochs):
             if step >= total_steps:
@@ -155,10 +156,11 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
                 step += 1
                 running.append(accelerator.reduce(loss.detach(), "mean").item() if world > 1 else loss.item())
                 advance(1)
-                if step % settings.log_every == 0 and main:
-                    _log(out, {"step": step, "epoch": epoch + 1, "loss": sum(running) / len(running),
-                               "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.monotonic() - started, 1)})
                 if step % settings.log_every == 0:
+                    if main:
+                        _log(out, {"step": step, "epoch": epoch + 1, "loss": sum(running) / len(running),
+                                   "lr": scheduler.get_last_lr()[0],
+                                   "elapsed_s": round(time.monotonic() - started, 1)})
                     running = []
                 if step % settings.checkpoint_every == 0:
                     save_checkpoint()
@@ -167,8 +169,16 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
                 record = _end_of_epoch(model, train_set, val_set, epoch + 1, step, settings, device, started, out,
                                        report)
             accelerator.wait_for_everyone()
-    accelerator.end_training()  # leaves the process group cleanly (an abort at exit otherwise)
     return record
+
+
+@contextmanager
+def _leaving_process_group(accelerator):
+    """Leave the process group on the way out, interrupted or not (gloo processes abort at exit otherwise)."""
+    try:
+        yield
+    finally:
+        accelerator.end_training()
 
 
 def _features(data: CaptionSet, model: CaptionModel, cache: FeatureCache, encoder, device,
