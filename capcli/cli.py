@@ -70,11 +70,6 @@ ShardOpt = Annotated[Optional[str], typer.Option(
          "given: e.g. --shard $SLURM_ARRAY_TASK_ID/100.")]
 
 
-def default_batch_size(device) -> int:
-    """Images per caption batch: 16 on a CPU (benchmarks/run.py: greedy 6.5 images/s at 16, 4.1 at 8), 64 on a GPU."""
-    return 64 if device.type == "cuda" else 16
-
-
 def _err(message: str) -> None:
     typer.echo(f"capcli: {message}", err=True)
 
@@ -391,7 +386,7 @@ def _merge_launched_parts(output: Path, part, resume: bool, r) -> None:
 
 
 def _caption_images(images: list[Path], r, model, device, prompt, output: Optional[Path], resume: bool,
-                    sidecar: Optional[str], format, csv_header: bool, decoding: dict, batch_size: int,
+                    sidecar: Optional[str], format, csv_header: bool, decoding: dict, batch_size: Optional[int],
                     workers: Optional[int]) -> int:
     """Caption `images` into output (or stdout) and sidecars; returns the number that failed."""
     from capcli.output import CaptionWriter, write_sidecar
@@ -401,7 +396,6 @@ def _caption_images(images: list[Path], r, model, device, prompt, output: Option
     if prompt is not None:
         captioner.model.set_prompt(prompt)
     settings = captioner.settings(**decoding)
-    batch_size = batch_size or default_batch_size(captioner.device)
     stream = None
     if output is not None:
         try:
@@ -475,7 +469,6 @@ def evaluate(
         predictions, failures = {}, 0
         started = time.monotonic()
         advance = r.progress(len(references.images), "caption")
-        batch_size = batch_size or default_batch_size(captioner.device)
         for path, result in captioner.caption_paths(references.images, settings, batch_size, workers):
             advance(1)
             if isinstance(result, Exception):

@@ -86,22 +86,14 @@ def part_path(output: Path, rank: int, world: int) -> Path:
 def merge_parts(output: Path, parts: list[Path], append: bool) -> None:
     """Concatenate the parts (in rank order) into output, after what it holds when appending; atomic;
     then remove the parts. Only part 0 carries a CSV header, so plain concatenation is right."""
-    import os
     import shutil
 
-    from capcli.files import temporary_sibling
+    from capcli.files import atomic_writer
 
-    tmp = temporary_sibling(output)
-    try:
-        with open(tmp, "wb") as merged:
-            for source in ([output] if append and output.exists() else []) + [p for p in parts if p.exists()]:
-                with open(source, "rb") as f:
-                    shutil.copyfileobj(f, merged)
-            merged.flush()
-            os.fsync(merged.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    sources = ([output] if append and output.exists() else []) + [p for p in parts if p.exists()]
+    with atomic_writer(output) as merged:
+        for source in sources:
+            with open(source, "rb") as f:
+                shutil.copyfileobj(f, merged)
     for part in parts:
         part.unlink(missing_ok=True)
