@@ -36,6 +36,7 @@ from capcli.images import open_image  # noqa: E402
 from capcli.pipeline import Captioner  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+LM_MODELING = "transformers.models.llama.modeling_llama"  # the default LM (SmolLM2) is a Llama
 SECTIONS = ("extract", "caption", "train", "startup", "memory")
 
 
@@ -136,7 +137,7 @@ def bench_train(captioner, paths, captions, device, steps, batch_size, workdir) 
             grid = captioner.encoder(images).float()
         return (grid if model.config.uses_grid else grid.mean(1)).clone()
 
-    def run(features_of) -> tuple[float, list[float]]:
+    def run(features_of, precision="auto") -> tuple[float, list[float]]:
         model.mapper.load_state_dict(start)
         model.mapper.train()
         optimizer = torch.optim.AdamW([p for p in model.mapper.parameters() if p.requires_grad], lr=1e-4)
@@ -144,7 +145,7 @@ def bench_train(captioner, paths, captions, device, steps, batch_size, workdir) 
         for n, rows in enumerate(batches):
             if n == 1:
                 started = time.perf_counter()  # step 0 is a warm-up
-            with autocast(device):
+            with autocast(device, precision):
                 loss = model.loss(features_of(rows).to(device).float(), [ids[r] for r in rows])
             optimizer.zero_grad()
             loss.backward()
@@ -154,12 +155,15 @@ def bench_train(captioner, paths, captions, device, steps, batch_size, workdir) 
 
     cached_s, cached_losses = run(lambda rows: cached[rows])
     encoding_s, encoding_losses = run(encode)
+    bf16_s, bf16_losses = run(lambda rows: cached[rows], "bf16")  # `capcli train --precision bf16`
     model.mapper.load_state_dict(start)
     model.mapper.eval()
     captions_done = steps * batch_size
     return {"steps": steps, "batch_size": batch_size, "cached_captions_per_s": captions_done / cached_s,
             "reencoding_captions_per_s": captions_done / encoding_s, "speedup": encoding_s / cached_s,
-            "max_loss_difference": max(abs(a - b) for a, b in zip(cached_losses, encoding_losses))}
+            "max_loss_difference": max(abs(a - b) for a, b in zip(cached_losses, encoding_losses)),
+            "bf16_captions_per_s": captions_done / bf16_s, "bf16_speedup": cached_s / bf16_s,
+            "bf16_max_loss_difference": max(abs(a - b) for a, b in zip(cached_losses, bf16_losses))}
 
 
 # Run the measured command from a small fresh Python: a child forked from this big process would count this
@@ -188,9 +192,14 @@ def capcli_command() -> list[str]:
 
 def bench_startup(image: Path, runs: int, workdir: Path) -> dict:
     floor = [run_process([sys.executable, "-c", "import torch, transformers"])[0] for _ in range(runs)]
+    # transformers imports lazily: running any LM through it also imports its modeling code (and with it
+    # torch._dynamo, torch.distributed, scipy and sympy), the floor for a program that uses the default LM
+    lm_floor = [run_process([sys.executable, "-c", f"import torch, {LM_MODELING}"])[0] for _ in range(runs)]
+    helps = [run_process(capcli_command() + ["--help"])[0] for _ in range(runs)]
     run_process(capcli_command() + ["caption", str(image), "-q"])  # make sure every cache is warm
     warm = [run_process(capcli_command() + ["caption", str(image), "-q"])[0] for _ in range(runs)]
-    result = {"import_floor_s": statistics.median(floor), "warm_caption_one_image_s": statistics.median(warm)}
+    result = {"import_floor_s": statistics.median(floor), "lm_import_floor_s": statistics.median(lm_floor),
+              "help_s": statistics.median(helps), "warm_caption_one_image_s": statistics.median(warm)}
     result["warm_over_floor"] = result["warm_caption_one_image_s"] / result["import_floor_s"]
     gguf = cache_dir() / "downloads"
     if gguf.is_dir():  # cold: a fresh cache; the LM file is copied in (no network), so it is converted again
@@ -255,11 +264,20 @@ def markdown(r: dict) -> str:
                     f"{t['cached_captions_per_s']:.2f} (cached features) | {t['reencoding_captions_per_s']:.2f} "
                     f"(re-encoding images each step) | {t['speedup']:.2f}x | loss equal (max diff "
                     f"{t['max_loss_difference']:.1e}) |")
+        if "bf16_captions_per_s" in t:
+            rows.append(f"| train, captions/s, `--precision bf16` | {t['bf16_captions_per_s']:.2f} (bf16 autocast) | "
+                        f"{t['cached_captions_per_s']:.2f} (default precision) | {t['bf16_speedup']:.2f}x | "
+                        f"opt-in: loss differs by up to {t['bf16_max_loss_difference']:.1e} |")
     if "startup" in r:
         s = r["startup"]
         rows.append(f"| start-up, `capcli caption one.jpg`, warm caches | {s['warm_caption_one_image_s']:.1f} s | "
                     f"{s['import_floor_s']:.1f} s (`import torch, transformers`) | {s['warm_over_floor']:.2f}x | "
                     f"<= 1.5x |")
+        if "lm_import_floor_s" in s:
+            rows.append(f"| start-up, warm, against the LM's import floor | {s['warm_caption_one_image_s']:.1f} s | "
+                        f"{s['lm_import_floor_s']:.1f} s (`import torch, {LM_MODELING}`) | "
+                        f"{s['warm_caption_one_image_s'] / s['lm_import_floor_s']:.2f}x | |")
+            rows.append(f"| start-up, `capcli --help` | {s['help_s']:.1f} s | | | |")
         if "cold_caption_one_image_s" in s:
             rows.append(f"| start-up, cold caches (LM converted again) | {s['cold_caption_one_image_s']:.1f} s | | | |")
     if "memory" in r:

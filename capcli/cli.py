@@ -38,6 +38,12 @@ class Device(str, Enum):
     mps = "mps"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class MapperKind(str, Enum):
     mlp = "mlp"
     transformer = "transformer"
@@ -242,6 +248,7 @@ def train(
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     device: DeviceOpt = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also speeds up CPUs with AVX512-BF16/AMX.")] = Precision.auto,
     quiet: QuietOpt = False,
 ):
     """Train a prefix mapper from cached features (extracting what is missing first)."""
@@ -272,7 +279,7 @@ def train(
         )
         settings = TrainSettings(epochs=epochs or 5, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                  max_caption_tokens=max_caption_tokens, seed=seed, max_steps=max_steps,
-                                 checkpoint_every=checkpoint_every)
+                                 checkpoint_every=checkpoint_every, precision=precision.value)
         cache = FeatureCache(features or cache_dir() / "features")
         record = fit(out, config, train_set, val_set, cache, image_encoder, language_model, torch_device, settings,
                      resume=resume, report=r,

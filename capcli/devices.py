@@ -30,8 +30,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); fp32 everywhere else."""
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """`auto`: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 everywhere else. `bf16` asks for
+    bf16 autocast on any device (on a CPU with AVX512-BF16 or AMX a training step is about 1.5x faster, and
+    the loss moves in the third digit); `fp32` turns autocast off."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)

@@ -173,6 +173,9 @@ def default_model_dir() -> Path:
     raise ModelError("no default model is installed yet: pass --model DIR (train one with `capcli train`)")
 
 
+CPU_ENCODER_CHUNK = 4  # images per encoder forward on a CPU (see caption_tensors)
+
+
 class Captioner:
     """The Python API: `Captioner.load(model_dir, device="auto").caption(images)`."""
 
@@ -201,8 +204,12 @@ class Captioner:
     @torch.inference_mode()
     def caption_tensors(self, images: torch.Tensor, settings: GenerationSettings) -> list[list[str]]:
         """Preprocessed images (B, 3, H, W) -> K captions each."""
+        # On a CPU the encoder runs no faster in large batches, and its activations grow with the batch
+        # (EfficientNet-Lite0: about 18 MB an image), so it encodes a few images at a time while the LM
+        # decodes the whole batch: peak RSS at batch 16 falls by about 200 MB.
+        chunk = len(images) if self.device.type == "cuda" else CPU_ENCODER_CHUNK
         with autocast(self.device):
-            grid = self.encoder(images.to(self.device))  # (B, N, D)
+            grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
             features = grid if self.model.config.uses_grid else grid.mean(1)
             return self.model.generate(features.float(), settings)
 

@@ -49,6 +49,7 @@ class TrainSettings:
     checkpoint_every: int = 100  # steps
     log_every: int = 10  # steps
     sample_captions: int = 3  # per epoch, on stderr and in the log
+    precision: str = "auto"  # autocast: see devices.autocast
 
 
 @dataclass
@@ -146,7 +147,7 @@ def fit(out: Path, config: ModelConfig, train: CaptionSet, val: CaptionSet | Non
                 if step >= total_steps:
                     break
                 rows = order[batch * settings.batch_size: (batch + 1) * settings.batch_size].tolist()
-                with autocast(device):
+                with autocast(device, settings.precision):
                     loss = _share_loss(trained, train_set, rows, accelerator.process_index, world, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -90,3 +90,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(shapes_data, tiny_lm, tmp_path
     assert job.wait(timeout=60) == 130, job.stderr.read()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 10
     assert "interrupted" in job.stderr.read()
+
+
+def test_bf16_autocast_on_the_cpu_trains_close_to_fp32_and_is_recorded(shapes_data, tiny_lm, tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert train(shapes_data, tiny_lm, fp32).exit_code == 0
+    result = train(shapes_data, tiny_lm, bf16, "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((bf16 / "config.json").read_text())["training"]["precision"] == "bf16"
+    # bf16 rounds the matmuls (so not equal), yet learns the same thing (so close)
+    assert last_val_loss(bf16) != last_val_loss(fp32)
+    assert abs(last_val_loss(bf16) - last_val_loss(fp32)) < 0.05 * last_val_loss(fp32)
