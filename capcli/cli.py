@@ -181,7 +181,7 @@ def extract(
     encoder: EncoderOpt = DEFAULT_ENCODER,
     encoder_weights: EncoderWeightsOpt = None,
     shard: ShardOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 8 on a CPU, 64 on a GPU).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 4 on a CPU, 64 on a GPU).")] = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     quiet: QuietOpt = False,

@@ -16,7 +16,7 @@ from torch import nn
 
 from capcli.config import GenerationSettings, ModelConfig
 from capcli.devices import autocast, resolve_device
-from capcli.encoders import ImageEncoder, load_encoder
+from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
 from capcli.errors import ImageError, ModelError
 from capcli.lm import LanguageModel, load_lm
 from capcli.mapper import build_mapper
@@ -173,9 +173,6 @@ def default_model_dir() -> Path:
     raise ModelError("no default model is installed yet: pass --model DIR (train one with `capcli train`)")
 
 
-CPU_ENCODER_CHUNK = 4  # images per encoder forward on a CPU (see caption_tensors)
-
-
 class Captioner:
     """The Python API: `Captioner.load(model_dir, device="auto").caption(images)`."""
 
@@ -204,10 +201,10 @@ class Captioner:
     @torch.inference_mode()
     def caption_tensors(self, images: torch.Tensor, settings: GenerationSettings) -> list[list[str]]:
         """Preprocessed images (B, 3, H, W) -> K captions each."""
-        # On a CPU the encoder runs no faster in large batches, and its activations grow with the batch
-        # (EfficientNet-Lite0: about 18 MB an image), so it encodes a few images at a time while the LM
-        # decodes the whole batch: peak RSS at batch 16 falls by about 200 MB.
-        chunk = len(images) if self.device.type == "cuda" else CPU_ENCODER_CHUNK
+        # On a CPU the encoder is fastest in small batches (encoders.CPU_BATCH), and its activations grow
+        # with the batch (EfficientNet-Lite0: about 18 MB an image), so it encodes a few images at a time
+        # while the LM decodes the whole batch: peak RSS at batch 16 falls by about 150 MB.
+        chunk = len(images) if self.device.type == "cuda" else CPU_BATCH
         with autocast(self.device):
             grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
             features = grid if self.model.config.uses_grid else grid.mean(1)
