@@ -22,8 +22,9 @@ from capcli.files import sha256_file
 DEFAULT_ENCODER = "efficientnet-lite0"
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 TEST_ENCODER = "tiny-random-cnn"
-# Images per encoder forward on a CPU. The EfficientNet-Lite0 trunk alone (channels_last, 2-core AMD EPYC)
-# ran 61 images/s at batch 1, 88 at 2, 107 at 4, 73 at 8 and 59 at 16: larger batches fall out of the caches.
+# Images per encoder forward on a CPU. The EfficientNet-Lite0 trunk alone (channels_last, 2-core AMD EPYC;
+# `python benchmarks/sweeps.py encoder`) ran 60 images/s at batch 1, 74-89 at 2, 81-107 at 4, 67-73 at 8
+# and 59-68 at 16: larger batches fall out of the caches.
 CPU_BATCH = 4
 
 

@@ -111,9 +111,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-# Up to this many images, extraction on a CPU decodes them in its own process. Starting decoding workers
-# costs about 0.3 s: on 2 cores, 48 Flickr8k images went at 65 images/s without workers and 51 with two,
-# 200 images at 63 without and 71 with two.
+# Up to this many images, extraction on a CPU decodes them in its own process: starting decoding workers
+# costs more than it saves (`python benchmarks/sweeps.py workers`, 2 cores: 48 Flickr8k images at 58-94
+# images/s without workers and 51-53 with two; at 200 images the runs disagreed, 57-94 against 54-71).
 SMALL_JOB = 100
 
 

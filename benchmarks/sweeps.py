@@ -1,0 +1,118 @@
+"""The measurements behind capcli's CPU defaults (README "Performance"), printed as text on stdout.
+
+- encoder: images/s of the EfficientNet-Lite0 trunk alone at batch 1-16, channels_last and default layout
+  (-> encoders.CPU_BATCH);
+- workers: extract with 0, 1 and 2 decoding workers, on a small and a larger job (-> features.SMALL_JOB);
+- memory: RSS after each stage of loading the default model and captioning a batch.
+
+    python benchmarks/sweeps.py [encoder] [workers] [memory]     (all three by default; about 2 minutes)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FLICKR_IMAGES = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
+
+
+def rss_mb() -> tuple[int, int]:
+    """(current, peak) resident set size of this process, MB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]) // 1024, int(status["VmHWM"].split()[0]) // 1024
+
+
+def images(count: int) -> list[Path]:
+    if not FLICKR_IMAGES.is_dir():
+        sys.exit(f"needs {FLICKR_IMAGES} (the workers and memory sweeps read real photos)")
+    paths = sorted(FLICKR_IMAGES.glob("*.jpg"))[:count]
+    for path in paths:  # from the page cache, not the disk
+        path.read_bytes()
+    return paths
+
+
+def encoder_sweep() -> None:
+    import torch
+
+    from capcli.encoders import load_encoder
+
+    trunk = load_encoder().trunk
+    batch = torch.randn(48, 3, 224, 224)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        trunk.to(memory_format=layout)
+        rates = {}
+        for size in (1, 2, 4, 8, 16):
+            parts = [p.contiguous(memory_format=layout) for p in batch.split(size)]
+            with torch.inference_mode():
+                trunk(parts[0])  # warm-up
+                started = time.perf_counter()
+                for part in parts:
+                    trunk(part)
+            rates[size] = round(len(batch) / (time.perf_counter() - started), 1)
+        name = "channels_last" if layout == torch.channels_last else "default layout"
+        print(f"encoder trunk, {name}: images/s by batch size {rates}", flush=True)
+
+
+def workers_sweep() -> None:
+    import torch
+
+    from capcli.encoders import load_encoder
+    from capcli.features import FeatureCache, extract
+
+    encoder = load_encoder()
+    for count in (48, 200):
+        paths = images(count)
+        for workers in (0, 1, 2):
+            with tempfile.TemporaryDirectory() as folder:
+                started = time.perf_counter()
+                extract(paths, encoder, FeatureCache(Path(folder)), torch.device("cpu"), workers=workers)
+                rate = count / (time.perf_counter() - started)
+            print(f"extract {count} images, {workers} decoding workers: {rate:.1f} images/s", flush=True)
+
+
+def memory_sweep() -> None:
+    def stage(name: str) -> None:
+        now, peak = rss_mb()
+        print(f"memory, {name}: RSS {now} MB, peak {peak} MB", flush=True)
+
+    stage("start")
+    import torch
+    import transformers  # noqa: F401
+
+    stage("import torch, transformers")
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    stage("+ the LM's modeling code")
+    from capcli.pipeline import Captioner
+
+    captioner = Captioner.load(device="cpu")
+    stage("default model loaded (LM weights memory-mapped, not yet read)")
+    with torch.no_grad():
+        sum(float(p.sum()) for p in captioner.model.lm.model.parameters())
+    stage("LM weights read")
+    for _ in captioner.caption_paths(images(32), captioner.settings()):
+        pass
+    stage("32 images captioned (batch 16, default decoding)")
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "memory": memory_sweep}
+    chosen = sys.argv[1:] or list(sweeps)
+    for name in chosen:
+        if name not in sweeps:
+            sys.exit(f"unknown sweep {name!r}: choose from {', '.join(sweeps)}")
+    for name in chosen:
+        if name == "memory" and len(chosen) > 1:  # in a fresh process, or the other sweeps' memory counts
+            subprocess.run([sys.executable, __file__, "memory"], check=True)
+        else:
+            sweeps[name]()
+
+
+if __name__ == "__main__":
+    main()
