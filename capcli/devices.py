@@ -30,13 +30,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
-
-
 def autocast(device: torch.device, precision: str = "auto"):
     """`auto`: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 everywhere else. `bf16` asks for
-    bf16 autocast on any device (on a CPU with AVX512-BF16 or AMX a training step is about 1.5x faster, and
-    the loss moves in the third digit); `fp32` turns autocast off."""
+    bf16 autocast on any device (on a CPU with AVX512-BF16 or AMX, training ran 1.4x faster in
+    benchmarks/run.py, and the loss moved in the third digit); `fp32` turns autocast off."""
     if precision == "fp32":
         return nullcontext()
     if precision == "bf16":
