@@ -36,8 +36,11 @@ def lines(path: Path) -> list[str]:
 def test_a_stopped_caption_job_keeps_whole_records_and_resume_finishes_it(stop, tiny_model, tmp_path):
     images = make_images(tmp_path / "photos", 120)
     out = tmp_path / "captions.jsonl"
+    # one image a batch and long captions, so the job is still busy when the signal comes (with the tiny
+    # model's short captions it once finished all 120 images between two polls)
     command = [*CAPCLI, "caption", str(tmp_path / "photos"), "--model", str(tiny_model), "-f", "jsonl", "-o",
-               str(out), "--batch-size", "1", "--workers", "0", "--quiet"]
+               str(out), "--batch-size", "1", "--workers", "0", "--min-new-tokens", "30", "--max-new-tokens", "30",
+               "--quiet"]
     job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(lines(out)) >= 3, job)
     job.send_signal(stop)
