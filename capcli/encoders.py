@@ -23,8 +23,8 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 TEST_ENCODER = "tiny-random-cnn"
 # Images per encoder forward on a CPU. The EfficientNet-Lite0 trunk alone (channels_last, 2-core AMD EPYC;
-# `python benchmarks/sweeps.py encoder`) ran 60 images/s at batch 1, 74-89 at 2, 81-107 at 4, 67-73 at 8
-# and 59-68 at 16: larger batches fall out of the caches.
+# `python benchmarks/sweeps.py encoder`, three runs) ran 54-60 images/s at batch 1, 68-74 at 2, 71-81 at 4,
+# 62-67 at 8 and 62-68 at 16: larger batches fall out of the caches.
 CPU_BATCH = 4
 
 
