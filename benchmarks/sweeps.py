@@ -1,7 +1,8 @@
 """The measurements behind capcli's CPU defaults (README "Performance"), printed as text on stdout.
 
-- encoder: images/s of the EfficientNet-Lite0 trunk alone at batch 1-16, channels_last and default layout
-  (-> encoders.CPU_BATCH);
+- encoder: images/s of the EfficientNet-Lite0 trunk alone at batch 1-16: timm's layers against capcli's
+  (batch norms folded, static padding), channels_last against the default layout, with glibc's default
+  allocator and with freed memory kept (-> encoders.CPU_BATCH, encoders.fold_batch_norms, capcli.allocator);
 - workers: extract with 0, 1 and 2 decoding workers, on a small and a larger job (-> features.SMALL_JOB);
 - memory: RSS after each stage of loading the default model and captioning a batch.
 
@@ -37,25 +38,44 @@ def images(count: int) -> list[Path]:
 
 
 def encoder_sweep() -> None:
+    """Each allocator setting in a fresh process: it cannot be undone in one."""
+    for keep in (False, True):
+        subprocess.run([sys.executable, __file__, "encoder-rates", *(["--keep-freed-memory"] if keep else [])],
+                       check=True)
+
+
+def encoder_rates() -> None:
     import torch
 
-    from capcli.encoders import load_encoder
+    from capcli.allocator import keep_freed_memory
+    from capcli.encoders import efficientnet_lite_classifier, load_encoder
 
-    trunk = load_encoder().trunk
+    allocator = "glibc default"
+    if "--keep-freed-memory" in sys.argv:
+        allocator = "freed memory kept (as the CLI runs)" if keep_freed_memory() else "glibc default (not glibc)"
+    timm_layers = efficientnet_lite_classifier("efficientnet-lite0")
+    capcli_trunk = load_encoder().trunk  # batch norms folded, static padding (encoders.py)
+    trunks = [("timm's layers", timm_layers.forward_features, timm_layers, torch.channels_last),
+              ("capcli's encoder", capcli_trunk, capcli_trunk, torch.channels_last),
+              ("capcli's encoder", capcli_trunk, capcli_trunk, torch.contiguous_format)]
     batch = torch.randn(48, 3, 224, 224)
-    for layout in (torch.channels_last, torch.contiguous_format):
-        trunk.to(memory_format=layout)
+    for name, forward, module, layout in trunks:
+        module.to(memory_format=layout)
         rates = {}
         for size in (1, 2, 4, 8, 16):
             parts = [p.contiguous(memory_format=layout) for p in batch.split(size)]
+            best = 0.0
             with torch.inference_mode():
-                trunk(parts[0])  # warm-up
-                started = time.perf_counter()
-                for part in parts:
-                    trunk(part)
-            rates[size] = round(len(batch) / (time.perf_counter() - started), 1)
-        name = "channels_last" if layout == torch.channels_last else "default layout"
-        print(f"encoder trunk, {name}: images/s by batch size {rates}", flush=True)
+                forward(parts[0])  # warm-up
+                for _ in range(3):  # the best of three: other work on the machine only slows a run down
+                    started = time.perf_counter()
+                    for part in parts:
+                        forward(part)
+                    best = max(best, len(batch) / (time.perf_counter() - started))
+            rates[size] = round(best, 1)
+        layout_name = "channels_last" if layout == torch.channels_last else "default layout"
+        print(f"EfficientNet-Lite0 trunk, {name}, {layout_name}, {allocator}: images/s by batch size {rates}",
+              flush=True)
 
 
 def workers_sweep() -> None:
@@ -103,6 +123,11 @@ def memory_sweep() -> None:
 def main() -> None:
     warnings.filterwarnings("ignore")
     sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "memory": memory_sweep}
+    if sys.argv[1:2] == ["encoder-rates"]:  # one process of the encoder sweep
+        return encoder_rates()
+    from capcli.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the workers and memory sweeps measure what the CLI does, allocator included
     chosen = sys.argv[1:] or list(sweeps)
     for name in chosen:
         if name not in sweeps:

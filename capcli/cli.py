@@ -503,6 +503,9 @@ def evaluate(
 
 
 def main() -> None:
+    from capcli.allocator import keep_freed_memory
+
+    keep_freed_memory()
     app()
 
 

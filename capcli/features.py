@@ -16,7 +16,7 @@ import os
 import sqlite3
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -25,6 +25,7 @@ from capcli.files import temporary_sibling
 from capcli.images import image_batches
 
 SHARD_SIZE = 1024  # images per shard file
+INDEX_BATCH = 256  # new file hashes per index transaction
 
 
 class FeatureCache:
@@ -46,22 +47,45 @@ class FeatureCache:
 
     def digest(self, path: Path) -> str | None:
         """The image's sha256, from the index when size and mtime are unchanged. None if unreadable."""
+        [(_, sha)] = self.digests([path])  # unpacking runs the generator to its end, which records the hash
+        return sha
+
+    def digests(self, paths: Iterable[Path]) -> Iterator[tuple[Path, str | None]]:
+        """(path, digest(path)) for each path in turn. New hashes enter the index in one transaction per
+        INDEX_BATCH files: a commit per file took longer than hashing it (0.6 ms an image, profiling `extract`)."""
+        new_rows: list[tuple] = []
+        try:
+            for path in paths:
+                sha, row = self._digest(path)
+                if row:
+                    new_rows.append(row)
+                if len(new_rows) >= INDEX_BATCH:
+                    self._record(new_rows)
+                    new_rows = []
+                yield path, sha
+        finally:
+            self._record(new_rows)
+
+    def _digest(self, path: Path) -> tuple[str | None, tuple | None]:
         key = os.path.abspath(path)
         try:
             stat = os.stat(path)
         except OSError:
-            return None
+            return None, None
         row = self.db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (key,)).fetchone()
         if row and row[0] == stat.st_size and row[1] == stat.st_mtime_ns:
-            return row[2]
+            return row[2], None
         try:
             with open(path, "rb") as f:
                 sha = hashlib.file_digest(f, "sha256").hexdigest()
         except OSError:
-            return None
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (key, stat.st_size, stat.st_mtime_ns, sha))
-        return sha
+            return None, None
+        return sha, (key, stat.st_size, stat.st_mtime_ns, sha)
+
+    def _record(self, rows: list[tuple]) -> None:
+        if rows:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", rows)
 
     def has(self, encoder_id: str, sha: str) -> bool:
         return self.db.execute("SELECT 1 FROM features WHERE encoder_id = ? AND sha256 = ?",
@@ -130,8 +154,7 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
     digests: dict[Path, str] = {}
     failures: list[tuple[Path, str]] = []
     todo: dict[str, Path] = {}  # one path per distinct content
-    for path in paths:
-        sha = cache.digest(path)
+    for path, sha in cache.digests(paths):
         if sha is None:
             failures.append((path, "cannot read the file"))
             progress(1)

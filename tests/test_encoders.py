@@ -74,3 +74,49 @@ def test_unknown_encoder_and_wrong_weights_are_refused(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(ModelError, match="do not fit"):
         load_encoder("resnet18", weights=wrong)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_faster_encoder_gives_the_features_of_the_original_layers(name):
+    """The encoder folds batch norms into convs and makes TF-"same" padding static (encoders.py):
+    its features must be timm's forward_features of the same weights, to float rounding."""
+    from torch import nn
+
+    encoder = load_encoder(name)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
+    assert not any(type(m).__name__ == "Conv2dSame" for m in encoder.modules())
+    original = efficientnet_lite_classifier(name)
+    assert any(type(m).__name__ == "Conv2dSame" for m in original.modules())
+    images = torch.stack([encoder.preprocess(chelsea()), encoder.preprocess(chelsea().rotate(90))])
+    with torch.no_grad():
+        ours = encoder(images)
+        theirs = original.forward_features(images).flatten(2).transpose(1, 2)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max())
+
+
+def test_batch_norms_are_folded_only_where_the_output_stays_the_same():
+    from torch import nn
+
+    from capcli.encoders import fold_batch_norms
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2), net[1].weight.data.uniform_(0.5, 2)
+    net.eval()
+    folded = fold_batch_norms(net, 16)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-5)
+
+    class NormFirst(nn.Module):  # registers conv then norm, but normalises the input, not the conv's output
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.norm(x))
+
+    odd = NormFirst().eval()
+    odd.norm.running_mean.fill_(3.0)
+    assert fold_batch_norms(odd, 16) is odd  # folding would change its output: kept as it was
