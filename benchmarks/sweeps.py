@@ -4,9 +4,10 @@
   (batch norms folded, static padding), channels_last against the default layout, with glibc's default
   allocator and with freed memory kept (-> encoders.CPU_BATCH, encoders.fold_batch_norms, capcli.allocator);
 - workers: extract with 0, 1 and 2 decoding workers, on a small and a larger job (-> features.SMALL_JOB);
+- caption: images/s of captioning at batch 16, 12 and 8, greedy and beam 3 (-> the CPU caption batch);
 - memory: RSS after each stage of loading the default model and captioning a batch.
 
-    python benchmarks/sweeps.py [encoder] [workers] [memory]     (all three by default; about 2 minutes)
+    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory]     (all by default; about 6 minutes)
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ def images(count: int) -> list[Path]:
     return paths
 
 
-def encoder_sweep() -> None:
-    """Each allocator setting in a fresh process: it cannot be undone in one."""
+def encoder_sweep(processes: int = 3) -> None:
+    """Each allocator setting in fresh processes (it cannot be undone in one), several of each: with glibc's
+    default, one process would run fast and the next slow (page faults, see capcli/allocator.py)."""
     for keep in (False, True):
-        subprocess.run([sys.executable, __file__, "encoder-rates", *(["--keep-freed-memory"] if keep else [])],
-                       check=True)
+        for _ in range(processes):
+            subprocess.run([sys.executable, __file__, "encoder-rates", *(["--keep-freed-memory"] if keep else [])],
+                           check=True)
 
 
 def encoder_rates() -> None:
@@ -95,6 +98,24 @@ def workers_sweep() -> None:
             print(f"extract {count} images, {workers} decoding workers: {rate:.1f} images/s", flush=True)
 
 
+def caption_sweep() -> None:
+    """Images/s of captioning 48 images at caption batch 16, 12 and 8 (-> Captioner.caption_paths' CPU default)."""
+    from capcli.pipeline import Captioner
+
+    captioner = Captioner.load(device="cpu")
+    paths = images(48)
+    list(captioner.caption_paths(paths[:4], captioner.settings(), 4, 0))  # warm-up
+    for beams in (1, 3):
+        settings = captioner.settings(beams=beams)
+        rates: dict[int, list[float]] = {}
+        for _ in range(2):
+            for batch in (16, 12, 8):
+                started = time.perf_counter()
+                list(captioner.caption_paths(paths, settings, batch, 0))
+                rates.setdefault(batch, []).append(round(len(paths) / (time.perf_counter() - started), 2))
+        print(f"caption 48 images, beams {beams}: images/s by batch size (two runs) {rates}", flush=True)
+
+
 def memory_sweep() -> None:
     def stage(name: str) -> None:
         now, peak = rss_mb()
@@ -122,7 +143,7 @@ def memory_sweep() -> None:
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "memory": memory_sweep}
+    sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "caption": caption_sweep, "memory": memory_sweep}
     if sys.argv[1:2] == ["encoder-rates"]:  # one process of the encoder sweep
         return encoder_rates()
     from capcli.allocator import keep_freed_memory

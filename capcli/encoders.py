@@ -24,9 +24,10 @@ from capcli.files import sha256_file
 DEFAULT_ENCODER = "efficientnet-lite0"
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 TEST_ENCODER = "tiny-random-cnn"
-# Images per encoder forward on a CPU. The EfficientNet-Lite0 trunk alone (channels_last, 2-core AMD EPYC;
-# `python benchmarks/sweeps.py encoder`, three runs) ran 54-60 images/s at batch 1, 68-74 at 2, 71-81 at 4,
-# 62-67 at 8 and 62-68 at 16: larger batches fall out of the caches.
+# Images per encoder forward on a CPU. capcli's EfficientNet-Lite0 trunk alone (channels_last, freed memory
+# kept as the CLI runs; 2-core AMD EPYC, `python benchmarks/sweeps.py encoder`, best of three) ran 99
+# images/s at batch 1, 132 at 2, 158 at 4, 164 at 8 and 158 at 16; activations grow with the batch (about
+# 18 MB an image), so 4.
 CPU_BATCH = 4
 
 

@@ -136,8 +136,10 @@ def _safe(name: str) -> str:
 
 
 # Up to this many images, extraction on a CPU decodes them in its own process: starting decoding workers
-# costs more than it saves (`python benchmarks/sweeps.py workers`, 2 cores: 48 Flickr8k images at 58-94
-# images/s without workers and 51-53 with two; at 200 images the runs disagreed, 57-94 against 54-71).
+# costs more than it saves (`python benchmarks/sweeps.py workers`, 2 cores: 48 Flickr8k images at 100
+# images/s without workers and 68-72 with one or two). The Flickr8k copies here are 224 px and cheap to decode,
+# so even 200 of them went faster without workers (122 against 94-99 images/s); larger jobs still get workers
+# because camera photos cost far more to decode than to encode (not measured here: no such photos on disk).
 SMALL_JOB = 100
 
 

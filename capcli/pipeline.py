@@ -229,8 +229,8 @@ class Captioner:
                       workers: int | None = None) -> Iterator[tuple[Path, list[str] | ImageError]]:
         """Yield (path, captions) or (path, ImageError) for each path, in input order, decoding in parallel.
 
-        batch_size defaults to 64 on a GPU and 16 on a CPU (benchmarks/run.py on 2 cores: greedy 6.5 images/s
-        at 16 against 4.1 at 8)."""
+        batch_size defaults to 64 on a GPU and 16 on a CPU (`python benchmarks/sweeps.py caption`, 2 cores: greedy
+        8.0 images/s at 16, 6.7-7.0 at 12, 4.9-5.5 at 8; batch 12 would keep the peak RSS under 1.5 GB)."""
         from capcli.images import image_batches
 
         batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
