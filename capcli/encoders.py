@@ -25,9 +25,9 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 TEST_ENCODER = "tiny-random-cnn"
 # Images per encoder forward on a CPU. capcli's EfficientNet-Lite0 trunk alone (channels_last, freed memory
-# kept as the CLI runs; 2-core AMD EPYC, `python benchmarks/sweeps.py encoder`, best of three) ran 99
-# images/s at batch 1, 132 at 2, 158 at 4, 164 at 8 and 158 at 16; activations grow with the batch (about
-# 18 MB an image), so 4.
+# kept as the CLI runs; 2-core AMD EPYC, `python benchmarks/sweeps.py encoder`, three processes) ran 95-97
+# images/s at batch 1, 129-131 at 2, 150-157 at 4, 154-164 at 8 and 149-156 at 16; activations grow with the
+# batch (about 18 MB an image), so 4.
 CPU_BATCH = 4
 
 
@@ -69,8 +69,9 @@ def fold_batch_norms(trunk: nn.Module, image_size: int) -> nn.Module:
     (torch.nn.utils.fusion.fuse_conv_bn_eval), or the trunk itself where the copy's output differs.
 
     Frozen batch norm is a per-channel affine map, so it can live in the conv's weights: the same features
-    to float rounding, one pass over the activations fewer. EfficientNet-Lite0 on 2 CPU cores, batch 4:
-    `python benchmarks/sweeps.py encoder`. A conv is paired with the norm registered right after it, which
+    to float rounding, one pass over the activations fewer. With static padding (below), EfficientNet-Lite0 at
+    batch 4 on 2 CPU cores ran 142-156 images/s against timm's layers' 74-76 (`python benchmarks/sweeps.py
+    encoder`, glibc's default allocator). A conv is paired with the norm registered right after it, which
     is the order most CNNs apply them in; the output check catches a model where that is not so.
     """
     folded = copy.deepcopy(trunk)
@@ -170,7 +171,8 @@ def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
 def _static_same_padding(model: nn.Module, image_size: int) -> None:
     """Replace timm's TF-"same" convolutions (Conv2dSame) by plain ones with the same taps, for this input size.
 
-    Conv2dSame pads its input on every call, a full copy of the activation (8 % of Lite0's time on a CPU).
+    Conv2dSame pads its input on every call, a full copy of the activation (about 8 % of Lite0's time in a
+    cProfile of `extract` on a CPU).
     The padding depends only on the input size, which preprocessing fixes. Where TF pads both sides alike,
     the conv's own padding does it; where it pads one pixel more on the right and bottom (stride 2, even
     size), a kernel one larger with a zero first row and column, padded by the larger side, sums the same
