@@ -35,35 +35,53 @@ def seed_extract(paths: list[Path], encoder_name: str, preprocess, device: torch
     return torch.cat(rows)
 
 
-def _encode_one(captioner, path: Path) -> torch.Tensor:
+def _encode_one(captioner, path: Path) -> tuple[torch.Tensor, list[list[str]] | None]:
+    """One image's features, and its labels when the model is grounded (as capcli's captioning computes them)."""
+    from capcli.grounding import confident
+
     image = Image.open(path).convert("RGB")
     grid = captioner.encoder(captioner.encoder.preprocess(image).unsqueeze(0).to(captioner.device))
-    return (grid if captioner.model.config.uses_grid else grid.mean(1)).float()
+    grounding, labels = captioner.model.config.grounding, None
+    if grounding is not None:
+        labels = [confident(captioner.labeler(captioner.encoder.classify(grid.mean(1)))[0], grounding)]
+    return (grid if captioner.model.config.uses_grid else grid.mean(1)).float(), labels
 
 
 @torch.inference_mode()
 def per_image_generate(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
     with autocast(captioner.device):
-        return [captioner.model.generate(_encode_one(captioner, path), settings)[0][0] for path in paths]
+        return [captioner.model.generate(features, settings, labels)[0][0]
+                for features, labels in (_encode_one(captioner, path) for path in paths)]
 
 
 @torch.inference_mode()
 def naive_caption(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
+    """ClipCap's decoding (no label bonus: compare with label_bonus 0), with capcli's rule that an empty
+    caption is decoded again with the end of text forbidden for a few tokens."""
+    import dataclasses
+
+    from capcli.pipeline import MIN_RETRY_TOKENS
+
     decode = _naive_greedy if settings.beams == 1 else _naive_beam
+    longer = dataclasses.replace(settings, min_new_tokens=min(max(settings.min_new_tokens, MIN_RETRY_TOKENS),
+                                                              settings.max_new_tokens))
     with autocast(captioner.device):
-        return [decode(captioner.model, _encode_one(captioner, path), settings) for path in paths]
+        return [decode(captioner.model, *encoded, settings) or decode(captioner.model, *encoded, longer)
+                for encoded in (_encode_one(captioner, path) for path in paths)]
 
 
 def _text(model, ids: list[int]) -> str:
     return " ".join(model.lm.tokenizer.decode(ids, skip_special_tokens=True).split())
 
 
-def _naive_greedy(model, features: torch.Tensor, settings: GenerationSettings) -> str:
+def _naive_greedy(model, features: torch.Tensor, labels, settings: GenerationSettings) -> str:
     lm, embed, eos = model.lm.model, model.lm.model.get_input_embeddings(), model.lm.tokenizer.eos_token_id
-    sequence = model.prefix_embeddings(features)  # (1, C, E)
+    sequence, _ = model.prefix_embeddings(features, model.context_ids(labels, 1))  # (1, C, E)
     ids: list[int] = []
-    for _ in range(settings.max_new_tokens):
+    for step in range(settings.max_new_tokens):
         logits = lm(inputs_embeds=sequence, use_cache=False).logits[:, -1]  # the whole sequence, every step
+        if step < settings.min_new_tokens:
+            logits[:, eos] = float("-inf")
         token = int(logits.argmax(-1))
         if token == eos:
             break
@@ -72,18 +90,20 @@ def _naive_greedy(model, features: torch.Tensor, settings: GenerationSettings) -
     return _text(model, ids)
 
 
-def _naive_beam(model, features: torch.Tensor, settings: GenerationSettings) -> str:
+def _naive_beam(model, features: torch.Tensor, labels, settings: GenerationSettings) -> str:
     """ClipCap's generate_beam: keep `beams` sequences, re-run them whole each step, score by the sum of
     log-probabilities divided by the length, stop when every beam has ended."""
     lm, embed, eos = model.lm.model, model.lm.model.get_input_embeddings(), model.lm.tokenizer.eos_token_id
     beams = settings.beams
-    sequence = model.prefix_embeddings(features)  # (1, C, E), grows to (beams, C + t, E)
+    sequence, _ = model.prefix_embeddings(features, model.context_ids(labels, 1))  # (1, C, E), grows to (beams, C + t, E)
     scores = torch.zeros(1, device=sequence.device)
     ids = torch.empty(1, 0, dtype=torch.long, device=sequence.device)
     lengths = torch.zeros(1, device=sequence.device)
     ended = torch.zeros(1, dtype=torch.bool, device=sequence.device)
-    for _ in range(settings.max_new_tokens):
+    for step in range(settings.max_new_tokens):
         logprobs = lm(inputs_embeds=sequence, use_cache=False).logits[:, -1].float().log_softmax(-1)  # (b, V)
+        if step < settings.min_new_tokens:
+            logprobs[:, eos] = float("-inf")
         logprobs[ended] = float("-inf")
         logprobs[ended, eos] = 0.0  # an ended beam only carries on with its score
         lengths_next = lengths + (~ended).float()

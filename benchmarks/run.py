@@ -123,7 +123,7 @@ def bench_caption(captioner, paths, batch_size, naive_count) -> dict:
     list(captioner.caption_paths(paths[:2], captioner.settings(beams=1), batch_size))  # warm-up
     for beams in (1, 3):
         settings = captioner.settings(beams=beams, no_repeat_ngram_size=0)  # the reference decoders have no n-gram block
-        ours, ours_s = timed(lambda: [c[0] for _, c in captioner.caption_paths(paths, settings, batch_size)])
+        ours, ours_s = timed(lambda: [c.captions[0] for _, c in captioner.caption_paths(paths, settings, batch_size)])
         single, single_s = timed(per_image_generate, captioner, paths, settings)
         few = paths[:naive_count]
         naive, naive_s = timed(naive_caption, captioner, few, settings)

@@ -3,10 +3,8 @@
 glibc's malloc gives large blocks their own mmap and unmaps them when freed, and returns freed memory at
 the top of its heap to the kernel; the CNN encoder allocates and frees activations of several MB per layer,
 so each forward pays for page faults on freshly zeroed pages. Raising both thresholds keeps freed blocks in
-the heap. `python benchmarks/sweeps.py encoder` (2 CPU cores, three processes each): timm's EfficientNet-Lite0
-layers at batch 4 ran 74-76 images/s without, 108-116 with; capcli's encoder at batch 8 127-132 without,
-154-164 with. Either threshold alone did not help (one-off runs). The CLI sets it for its own process only;
-a program that imports capcli keeps its allocator as it is.
+the heap (`python benchmarks/sweeps.py encoder` measures it; the README has the figures). The CLI sets it
+for its own process only; a program that imports capcli keeps its allocator as it is.
 """
 
 from __future__ import annotations

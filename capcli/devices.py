@@ -7,9 +7,8 @@ from contextlib import nullcontext
 
 import torch
 
+from capcli.config import DEVICES
 from capcli.errors import CapcliError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -21,8 +20,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.split(":")[0] not in DEVICE_CHOICES:
-        raise CapcliError(f"unknown device {name!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+    if name.split(":")[0] not in DEVICES:
+        raise CapcliError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CapcliError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device auto or cpu")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -32,8 +31,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def autocast(device: torch.device, precision: str = "auto"):
     """`auto`: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 everywhere else. `bf16` asks for
-    bf16 autocast on any device (on a CPU with AVX512-BF16 or AMX, training ran 1.4x faster in
-    benchmarks/run.py, and the loss moved in the third digit); `fp32` turns autocast off."""
+    bf16 autocast on any device (it pays on CPUs with AVX512-BF16 or AMX, and moves the loss slightly);
+    `fp32` turns autocast off."""
     if precision == "fp32":
         return nullcontext()
     if precision == "bf16":

@@ -18,27 +18,26 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
+from capcli.config import DEFAULT_ENCODER
 from capcli.errors import ModelError
 from capcli.files import sha256_file
-
-DEFAULT_ENCODER = "efficientnet-lite0"
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 TEST_ENCODER = "tiny-random-cnn"
-# Images per encoder forward on a CPU. capcli's EfficientNet-Lite0 trunk alone (channels_last, freed memory
-# kept as the CLI runs; 2-core AMD EPYC, `python benchmarks/sweeps.py encoder`, three processes) ran 95-97
-# images/s at batch 1, 129-131 at 2, 150-157 at 4, 154-164 at 8 and 149-156 at 16; activations grow with the
-# batch (about 18 MB an image), so 4.
+# Images per encoder forward on a CPU: small batches keep the activations in the caches, and larger ones gain
+# nothing (`python benchmarks/sweeps.py encoder`).
 CPU_BATCH = 4
 
 
 class ImageEncoder(nn.Module):
     """A frozen CNN trunk. forward(images (B, 3, H, W)) -> grid tokens (B, N, D); pooled = mean over N."""
 
-    def __init__(self, name: str, encoder_id: str, trunk: nn.Module, image_size: int, mean, std):
+    def __init__(self, name: str, encoder_id: str, trunk: nn.Module, image_size: int, mean, std,
+                 head: nn.Module | None = None):
         super().__init__()
         self.name = name
         self.encoder_id = encoder_id
         self.trunk = trunk
+        self.head = head  # pooled features (B, D) -> ImageNet class logits (B, 1000); None if unavailable
         self.image_size = image_size
         # Resize the shorter side and centre-crop without zooming in: a caption should see the whole scene.
         self.preprocess = T.Compose([
@@ -49,8 +48,7 @@ class ImageEncoder(nn.Module):
         ])
         self.requires_grad_(False).eval()
         self.trunk = fold_batch_norms(self.trunk, image_size)
-        # channels_last: 1.2-1.4x the images/s of the default layout for EfficientNet-Lite0 at batch 4 on a CPU
-        # (`python benchmarks/sweeps.py encoder`)
+        # channels_last: faster convolutions on a CPU (`python benchmarks/sweeps.py encoder`)
         self.trunk.to(memory_format=torch.channels_last)
         with torch.no_grad():
             grid = self(torch.zeros(1, 3, image_size, image_size))
@@ -63,16 +61,21 @@ class ImageEncoder(nn.Module):
         fmap = self.trunk(images.contiguous(memory_format=torch.channels_last))  # (B, D, H, W)
         return fmap.flatten(2).transpose(1, 2)  # (B, N, D)
 
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D) -> class logits (B, 1000), from the same forward as the features."""
+        if self.head is None:
+            raise ModelError(f"encoder {self.encoder_id} has no classification head (backbone-only weights?), "
+                             f"so it cannot give labels; use weights that include the classifier")
+        return self.head(pooled.float())
+
 
 def fold_batch_norms(trunk: nn.Module, image_size: int) -> nn.Module:
     """A copy of the frozen trunk with each batch norm folded into the convolution before it
     (torch.nn.utils.fusion.fuse_conv_bn_eval), or the trunk itself where the copy's output differs.
 
     Frozen batch norm is a per-channel affine map, so it can live in the conv's weights: the same features
-    to float rounding, one pass over the activations fewer. With static padding (below), EfficientNet-Lite0 at
-    batch 4 on 2 CPU cores ran 142-156 images/s against timm's layers' 74-76 (`python benchmarks/sweeps.py
-    encoder`, glibc's default allocator). A conv is paired with the norm registered right after it, which
-    is the order most CNNs apply them in; the output check catches a model where that is not so.
+    to float rounding, one pass over the activations fewer. A conv is paired with the norm registered right
+    after it, which is the order most CNNs apply them in; the output check catches a model where that is not so.
     """
     folded = copy.deepcopy(trunk)
     if not _fold_children(folded):
@@ -122,6 +125,8 @@ def efficientnet_lite_classifier(name: str, weights: Path | None = None) -> nn.M
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise ModelError(f"{path}: cannot load {name} weights ({exc})") from None
     model.load_state_dict(_map_lukemelas_keys(source, model.state_dict(), name, path))
+    if not any(k.startswith("_fc.") for k in source):  # backbone-only weights: the head stays untrained
+        model.classifier = None
     return model.requires_grad_(False).eval()
 
 
@@ -143,6 +148,8 @@ def _map_lukemelas_keys(source: dict, target: dict, name: str, path: Path) -> di
     same order as timm's (`conv_stem`, `blocks.S.I.conv_dw`, `classifier`): pair them up, checking shapes."""
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if not any(k.startswith("_fc.") for k, _ in src):  # backbone-only weights: no classification head
+        dst = [k for k in dst if not k.startswith("classifier.")]
     if len(src) != len(dst):
         raise ModelError(f"{path}: {len(src)} tensors, expected {len(dst)} for {name}")
     mapped = {}
@@ -165,14 +172,14 @@ def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
     trunk = _Call(model.forward_features)
     trunk.model = model  # registered so .to(device) moves the weights
     # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128.
-    return ImageEncoder(name, f"{name}@{tag}", trunk, LITE_SIZES[name], mean=(0.5,) * 3, std=(0.5,) * 3)
+    return ImageEncoder(name, f"{name}@{tag}", trunk, LITE_SIZES[name], mean=(0.5,) * 3, std=(0.5,) * 3,
+                        head=model.classifier)
 
 
 def _static_same_padding(model: nn.Module, image_size: int) -> None:
     """Replace timm's TF-"same" convolutions (Conv2dSame) by plain ones with the same taps, for this input size.
 
-    Conv2dSame pads its input on every call, a full copy of the activation (about 8 % of Lite0's time in a
-    cProfile of `extract` on a CPU).
+    Conv2dSame pads its input on every call, a full copy of the activation.
     The padding depends only on the input size, which preprocessing fixes. Where TF pads both sides alike,
     the conv's own padding does it; where it pads one pixel more on the right and bottom (stride 2, even
     size), a kernel one larger with a zero first row and column, padded by the larger side, sums the same
@@ -252,7 +259,21 @@ def _torchvision(name: str, weights: Path | None) -> ImageEncoder:
     else:
         raise ModelError(f"encoder {name!r} is not supported: capcli needs a CNN with a feature map")
     preset = enum.transforms()
-    return ImageEncoder(name, f"{name}@{tag}", trunk, preset.crop_size[0], preset.mean, preset.std)
+    return ImageEncoder(name, f"{name}@{tag}", trunk, preset.crop_size[0], preset.mean, preset.std,
+                        head=_torchvision_head(model))
+
+
+def _torchvision_head(model: nn.Module) -> nn.Module | None:
+    """The classifier that reads the pooled trunk output, where the architecture has one (resnet, regnet,
+    efficientnet, mobilenet, convnext); None for models whose head reads something else (vgg, densenet)."""
+    name = type(model).__name__.lower()
+    if hasattr(model, "fc") and hasattr(model, "layer4") or name.startswith("regnet"):
+        return model.fc
+    if name.startswith(("efficientnet", "mobilenet")):
+        return model.classifier
+    if name.startswith("convnext"):
+        return nn.Sequential(nn.Unflatten(1, (-1, 1, 1)), model.classifier)
+    return None
 
 
 def _torchvision_state_dict(name: str, enum) -> dict:
@@ -293,4 +314,5 @@ def _tiny_random_cnn() -> ImageEncoder:
             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(32, 32, 3, stride=2, padding=1),
         )
-    return ImageEncoder(TEST_ENCODER, f"{TEST_ENCODER}@seed0", trunk, 32, mean=(0.5,) * 3, std=(0.5,) * 3)
+        head = nn.Linear(32, 1000)
+    return ImageEncoder(TEST_ENCODER, f"{TEST_ENCODER}@seed0", trunk, 32, mean=(0.5,) * 3, std=(0.5,) * 3, head=head)

@@ -1,7 +1,6 @@
 """Errors a user can cause and fix. The CLI prints them on one line and exits with `exit_code`."""
 
 # Exit statuses, documented in the README.
-EXIT_OK = 0
 EXIT_SOME_INPUTS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -21,8 +20,10 @@ class DataError(CapcliError):
     """A data set, split or feature cache cannot be used."""
 
 
-class ImageError(Exception):
-    """One image could not be read; the batch goes on without it."""
+class InputError(CapcliError):
+    """One input (an image) could not be used; a batch job reports it and goes on without it."""
+
+    exit_code = EXIT_SOME_INPUTS_FAILED
 
     def __init__(self, path, reason: str):
         super().__init__(f"{path}: {reason}")

@@ -60,6 +60,20 @@ def score(predictions: dict[str, str], references: dict[str, list[str]],
     return metrics, {k: float(s) for k, s in zip(keys, per_image)}, "ptb" if use_java else "python"
 
 
+def objects_by_top_label(predictions: dict[str, str], references: dict[str, list[str]],
+                         labels: dict[str, list[tuple[str, float]]]) -> dict:
+    """Object metrics apart for images whose classifier's top label some reference names ("right") and for the
+    rest ("wrong"), so that trusting wrong labels shows. Images without a label are in neither."""
+    from capcli.objects import label_is_named, object_metrics
+
+    groups: dict[str, list[str]] = {"right": [], "wrong": []}
+    for key in predictions:
+        if labels.get(key):
+            groups["right" if label_is_named(labels[key][0][0], references[key]) else "wrong"].append(key)
+    return {f"objects_top_label_{name}": object_metrics({k: predictions[k] for k in keys}, references)[0]
+            for name, keys in groups.items()}
+
+
 def _thumbnail(path: Path, size: int = 192) -> str:
     from capcli.images import open_image
 
@@ -76,12 +90,20 @@ def write_report(path: Path, rows: list[dict], summary: dict) -> None:
 
     esc = html.escape
     metrics = " &middot; ".join(f"{esc(k)} {v:.3f}" for k, v in summary["metrics"].items())
+    objects = summary.get("objects", {})
+    metrics += "".join(f" &middot; {esc(k)} {objects[k]:.3f}" for k in ("CHAIR_s", "CHAIR_i", "recall") if k in objects)
     body = []
     for row in sorted(rows, key=lambda r: r["cider"]):
         refs = "".join(f"<li>{esc(r)}</li>" for r in row["references"])
+        notes = "".join(f"<div class='{cls}'>{title}: {esc(', '.join(row[key]))}</div>"
+                        for key, cls, title in (("wrong_objects", "wrong", "not in the references"),
+                                                ("missed_objects", "missed", "missed"))
+                        if row.get(key))
+        if row.get("labels"):
+            notes += f"<div class='path'>labels: {esc('; '.join(f'{n} {s:.2f}' for n, s in row['labels']))}</div>"
         body.append(
             f"<tr><td><img src='{_thumbnail(Path(row['image']))}' alt=''></td>"
-            f"<td><b>{esc(row['caption'])}</b><div class='path'>{esc(row['image'])}</div></td>"
+            f"<td><b>{esc(row['caption'])}</b>{notes}<div class='path'>{esc(row['image'])}</div></td>"
             f"<td><ul>{refs}</ul></td><td class='num'>{row['cider']:.3f}</td></tr>")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>capcli eval: {esc(str(summary['model']))}</title>
@@ -90,7 +112,7 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; width: 100%; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 6px; vertical-align: top; text-align: left; }}
 img {{ max-width: 192px; max-height: 192px; }}
-.path {{ color: #888; font-size: 12px; }} .num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.path {{ color: #888; font-size: 12px; }} .wrong {{ color: #b00; }} .missed {{ color: #a60; }} .num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 ul {{ margin: 0; padding-left: 1.2em; }}
 </style></head><body>
 <h1>capcli eval</h1>

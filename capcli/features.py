@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from capcli.errors import DataError
+from capcli.errors import DataError, InputError
 from capcli.files import temporary_sibling
 from capcli.images import image_batches
 
@@ -42,9 +42,6 @@ class FeatureCache:
         except (OSError, sqlite3.Error) as exc:
             raise DataError(f"{self.folder}: cannot open the feature cache ({exc})") from None
 
-    def close(self) -> None:
-        self.db.close()
-
     def digest(self, path: Path) -> str | None:
         """The image's sha256, from the index when size and mtime are unchanged. None if unreadable."""
         [(_, sha)] = self.digests([path])  # unpacking runs the generator to its end, which records the hash
@@ -52,7 +49,7 @@ class FeatureCache:
 
     def digests(self, paths: Iterable[Path]) -> Iterator[tuple[Path, str | None]]:
         """(path, digest(path)) for each path in turn. New hashes enter the index in one transaction per
-        INDEX_BATCH files: a commit per file took longer than hashing it (0.6 ms an image, profiling `extract`)."""
+        INDEX_BATCH files: a commit per file costs more than hashing the file."""
         new_rows: list[tuple] = []
         try:
             for path in paths:
@@ -136,10 +133,8 @@ def _safe(name: str) -> str:
 
 
 # Up to this many images, extraction on a CPU decodes them in its own process: starting decoding workers
-# costs more than it saves (`python benchmarks/sweeps.py workers`, 2 cores: 48 Flickr8k images at 100
-# images/s without workers and 68-72 with one or two). The Flickr8k copies here are 224 px and cheap to decode,
-# so even 200 of them went faster without workers (122 against 94-99 images/s); larger jobs still get workers
-# because camera photos cost far more to decode than to encode (not measured here: no such photos on disk).
+# costs more than it saves (`python benchmarks/sweeps.py workers`). Larger jobs get workers, because camera
+# photos can cost more to decode than to encode.
 SMALL_JOB = 100
 
 
@@ -149,16 +144,16 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
 
     batch_size defaults to 64 on a GPU and encoders.CPU_BATCH (4) on a CPU.
 
-    failures is a list of (path, reason); progress(n) is called as images are done (cached ones at once)."""
+    failures is a list of InputError; progress(n) is called as images are done (cached ones at once)."""
     from capcli.devices import autocast
     from capcli.encoders import CPU_BATCH
 
     digests: dict[Path, str] = {}
-    failures: list[tuple[Path, str]] = []
+    failures: list[InputError] = []
     todo: dict[str, Path] = {}  # one path per distinct content
     for path, sha in cache.digests(paths):
         if sha is None:
-            failures.append((path, "cannot read the file"))
+            failures.append(InputError(path, "cannot read the file"))
             progress(1)
             continue
         digests[path] = sha
@@ -178,8 +173,8 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
             if workers is None and len(files) <= SMALL_JOB and device.type == "cpu":
                 workers = 0  # decode in this process: starting workers costs more than it saves
             for indices, images, failed in image_batches(files, encoder.preprocess, batch_size, workers):
-                for i, reason in failed:
-                    failures.append((files[i], reason))
+                for i, error in failed:
+                    failures.append(error)
                     failed_shas.add(shas[i])
                 if images is not None:
                     with torch.inference_mode(), autocast(device):

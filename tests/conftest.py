@@ -120,12 +120,8 @@ def read_jsonl():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, tiny_lm) -> Path:
-    """A quickly trained tiny model dir (its captions need not be right), shared by the caption tests."""
-    from typer.testing import CliRunner
-
-    from capcli.cli import app
-
+def tiny_data(tmp_path_factory) -> Path:
+    """Eight coloured shapes with captions (captions.txt), and a feature cache beside them."""
     rng = random.Random(1)
     data = tmp_path_factory.mktemp("tiny-data")
     rows = ["image,caption"]
@@ -134,12 +130,26 @@ def tiny_model(tmp_path_factory, tiny_lm) -> Path:
         draw_shape(data / f"{n}.png", colour, shape, rng)
         rows.append(f"{n}.png,a {colour} {shape} .")
     (data / "captions.txt").write_text("\n".join(rows) + "\n")
-    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    return data
+
+
+def train_tiny(data: Path, lm: Path, out: Path, *extra: str) -> Path:
+    """A quickly trained tiny model dir (its captions need not be right)."""
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--encoder", "tiny-random-cnn",
-                                      "--lm", str(tiny_lm), "--features", str(data / "features"), "--prefix-length", "2",
-                                      "--hidden-size", "16", "--epochs", "1", "--batch-size", "4", "--quiet"])
+                                      "--lm", str(lm), "--features", str(data / "features"), "--prefix-length", "2",
+                                      "--hidden-size", "16", "--epochs", "1", "--batch-size", "4", "--quiet", *extra])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_data, tiny_lm) -> Path:
+    """A tiny model dir shared by the caption tests."""
+    return train_tiny(tiny_data, tiny_lm, tmp_path_factory.mktemp("tiny-model") / "model")
 
 
 def make_images(folder: Path, count: int = 3) -> list[Path]:

@@ -21,7 +21,7 @@ def test_greedy_captions_are_identical_batched_per_image_and_without_a_cache(tin
     captioner = Captioner.load(tiny_model, device="cpu")
     paths = make_images(tmp_path, 5)
     settings = captioner.settings(beams=1, max_new_tokens=8)
-    batched = [c[0] for _, c in captioner.caption_paths(paths, settings, batch_size=4, workers=0)]
+    batched = [c.captions[0] for _, c in captioner.caption_paths(paths, settings, batch_size=4, workers=0)]
     assert per_image_generate(captioner, paths, settings) == batched
     assert naive_caption(captioner, paths, settings) == batched
     assert len(naive_caption(captioner, paths[:2], captioner.settings(beams=3, max_new_tokens=8))) == 2

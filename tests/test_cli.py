@@ -45,11 +45,14 @@ def test_caption_jsonl_csv_and_several_captions(tiny_model, tmp_path, read_jsonl
     assert rows[0] == ["image", "caption"] and rows[1][0] == str(image)
 
 
-def test_sampling_is_reproducible_with_a_seed(tiny_model, tmp_path):
+def test_sampling_is_reproducible_with_a_seed_and_varies_with_it(tiny_model, tmp_path):
     [image] = make_images(tmp_path, 1)
-    args = [str(image), "--model", str(tiny_model), "--sample", "--temperature", "2", "--seed", "7",
-            "--num-captions", "3"]
-    assert caption(*args).stdout == caption(*args).stdout
+    args = [str(image), "--model", str(tiny_model), "--sample", "--temperature", "2", "--num-captions", "3",
+            "--format", "jsonl"]
+    first, again, other = caption(*args, "--seed", "7"), caption(*args, "--seed", "7"), caption(*args, "--seed", "8")
+    assert first.exit_code == again.exit_code == other.exit_code == 0, first.output
+    assert first.stdout == again.stdout
+    assert first.stdout != other.stdout
 
 
 def test_paths_from_stdin(tiny_model, tmp_path):

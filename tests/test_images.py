@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from capcli.errors import ImageError
+from capcli.errors import InputError
 from capcli.images import find_images, open_image
 
 
@@ -13,13 +13,13 @@ def test_find_images_in_files_folders_globs_and_stdin(tmp_path):
     for name in ["a.jpg", "b.PNG", "notes.txt", "sub/c.webp"]:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert [p.name for p in find_images([str(tmp_path)])] == ["a.jpg", "b.PNG"]
-    assert [p.name for p in find_images([str(tmp_path)], recursive=True)] == ["a.jpg", "b.PNG", "c.webp"]
-    assert [p.name for p in find_images([str(tmp_path / "*.jpg")])] == ["a.jpg"]
+    assert [p.name for p, _ in find_images([str(tmp_path)])] == ["a.jpg", "b.PNG"]
+    assert [p.name for p, _ in find_images([str(tmp_path)], recursive=True)] == ["a.jpg", "b.PNG", "c.webp"]
+    assert [p.name for p, _ in find_images([str(tmp_path / "*.jpg")])] == ["a.jpg"]
     stdin = io.StringIO(f"{tmp_path / 'a.jpg'}\n\n{tmp_path / 'sub' / 'c.webp'}\n")
-    assert [p.name for p in find_images(["-"], stdin=stdin)] == ["a.jpg", "c.webp"]
+    assert [p.name for p, _ in find_images(["-"], stdin=stdin)] == ["a.jpg", "c.webp"]
     # a named file is kept even if it is not an image, so that it is reported rather than ignored
-    assert [p.name for p in find_images([str(tmp_path / "notes.txt"), str(tmp_path / "gone.jpg")])] == [
+    assert [p.name for p, _ in find_images([str(tmp_path / "notes.txt"), str(tmp_path / "gone.jpg")])] == [
         "notes.txt", "gone.jpg"]
 
 
@@ -27,7 +27,7 @@ def test_recursive_walk_survives_symlink_loops(tmp_path):
     (tmp_path / "d").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "d" / "x.png")
     (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
-    assert [p.name for p in find_images([str(tmp_path)], recursive=True)] == ["x.png"]
+    assert [p.name for p, _ in find_images([str(tmp_path)], recursive=True)] == ["x.png"]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16"])
@@ -53,7 +53,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_files_that_are_not_images_give_a_reason(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
-    with pytest.raises(ImageError, match=reason):
+    with pytest.raises(InputError, match=reason):
         open_image(path)
 
 
@@ -61,12 +61,12 @@ def test_truncated_image_missing_file_and_folder_give_a_reason(tmp_path):
     good = io.BytesIO()
     Image.effect_noise((64, 64), 50).convert("RGB").save(good, "JPEG")
     (tmp_path / "cut.jpg").write_bytes(good.getvalue()[:300])
-    with pytest.raises(ImageError, match="corrupt or truncated"):
+    with pytest.raises(InputError, match="corrupt or truncated"):
         open_image(tmp_path / "cut.jpg")
-    with pytest.raises(ImageError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         open_image(tmp_path / "gone.jpg")
     (tmp_path / "dir.jpg").mkdir()
-    with pytest.raises(ImageError, match="is a folder"):
+    with pytest.raises(InputError, match="is a folder"):
         open_image(tmp_path / "dir.jpg")
 
 
@@ -74,7 +74,7 @@ def test_decompression_bomb_is_refused(tmp_path):
     path = tmp_path / "bomb.png"
     Image.new("1", (40_000, 40_000)).save(path)  # 1.6 billion pixels, a few hundred KB on disk
     assert path.stat().st_size < 5_000_000
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(InputError, match="too large"):
         open_image(path)
 
 
@@ -104,12 +104,12 @@ def test_unreadable_file_and_broken_symlink_give_a_reason(tmp_path):
     import os
 
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    with pytest.raises(ImageError, match="broken symbolic link"):
+    with pytest.raises(InputError, match="broken symbolic link"):
         open_image(tmp_path / "dangling.jpg")
     locked = tmp_path / "locked.png"
     Image.new("RGB", (4, 4)).save(locked)
     locked.chmod(0)
     if os.access(locked, os.R_OK):  # root reads anything
         pytest.skip("running as root: permissions are not enforced")
-    with pytest.raises(ImageError, match="permission denied"):
+    with pytest.raises(InputError, match="permission denied"):
         open_image(locked)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from capcli.cli import app
 from capcli.errors import ModelError
 from capcli.pipeline import Captioner
-from capcli.train import load_checkpoint
+from capcli.modeldir import load_checkpoint
 
 runner = CliRunner()
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from conftest import make_images
-from PIL import Image
 from typer.testing import CliRunner
 
 import capcli.output
@@ -56,35 +55,31 @@ def test_a_stopped_caption_job_keeps_whole_records_and_resume_finishes_it(stop, 
     assert sorted(captioned) == sorted(map(str, images))  # each image exactly once
 
 
-def test_a_stopped_extract_keeps_what_it_encoded(tmp_path):
-    (tmp_path / "data").mkdir()
-    images = [tmp_path / "data" / f"{n}.jpg" for n in range(300)]
-    for n, path in enumerate(images):  # distinct photos, large enough that encoding takes a few seconds
-        Image.effect_noise((384, 384), 20 + n % 60).convert("RGB").save(path, quality=95)
-    (tmp_path / "data" / "captions.csv").write_text(
-        "image,caption\n" + "".join(f"{p.name},a shape {n}\n" for n, p in enumerate(images)))
-    cache = tmp_path / "features"
-    command = [*CAPCLI, "extract", "--data", str(tmp_path / "data"), "--out", str(cache), "--encoder",
-               "tiny-random-cnn", "--batch-size", "1", "--workers", "0"]
-    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+def test_a_stopped_extract_keeps_what_it_encoded(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which the CLI turns into the same KeyboardInterrupt) during the 4th encoder batch."""
+    from capcli.encoders import ImageEncoder
+    from capcli.jobs import ExtractJob, extract_job
 
-    def hashed_every_file():  # extract hashes every file, then encodes
-        try:
-            with sqlite3.connect(cache / "index.sqlite", timeout=1) as db:
-                return db.execute("SELECT count(*) FROM files").fetchone()[0] == len(images)
-        except sqlite3.Error:
-            return False
+    data = tmp_path / "data"
+    images = make_images(data, 20)
+    (data / "captions.csv").write_text("image,caption\n" + "".join(f"{p.name},a shape\n" for p in images))
+    job = ExtractJob(data, out=tmp_path / "features", encoder="tiny-random-cnn", batch_size=2, workers=0)
+    real_forward, calls = ImageEncoder.forward, []
 
-    wait_for(hashed_every_file, job)
-    time.sleep(0.3)  # into the encoding
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=60) == 130
-    with sqlite3.connect(cache / "index.sqlite") as db:
-        kept = db.execute("SELECT count(*) FROM features").fetchone()[0]
-    assert 0 < kept < len(images)  # the encoded part was written out before exiting
+    def stop_in_the_fourth_batch(self, batch):
+        if batch.shape[0] == 2:  # not the one-image probe run when an encoder is built
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+        return real_forward(self, batch)
 
-    rerun = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert f"encoded {len(images) - kept} images" in rerun.stderr  # only what was missing
+    monkeypatch.setattr(ImageEncoder, "forward", stop_in_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract_job(job)
+    with sqlite3.connect(tmp_path / "features" / "index.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM features").fetchone()[0] == 6  # the 3 batches before the stop
+    monkeypatch.setattr(ImageEncoder, "forward", real_forward)
+    assert extract_job(job).done == len(images) - 6  # only what was missing
 
 
 def test_two_caption_jobs_writing_sidecars_into_one_folder(tiny_model, tmp_path):

@@ -1,6 +1,7 @@
 """Scaling out: data-parallel training under torchrun (2 CPU processes, gloo) takes the same steps as one
 process, --resume works across a different number of processes, and --shard splits inputs exactly."""
 
+import io
 import json
 import os
 import subprocess
@@ -78,23 +79,28 @@ def test_shards_cover_every_input_exactly_once_whatever_the_listing():
 
 
 def test_caption_shards_concatenate_into_the_full_output(tiny_model, tmp_path, read_jsonl):
+    from capcli.jobs import CaptionJob, caption_job
+
     folder = tmp_path / "photos"
     make_images(folder / "a", 5)
     make_images(folder / "b", 3)
-    model = ["--model", str(tiny_model), "-q"]
+
+    def captions(*paths, stdin=None, **options) -> str:
+        out = io.StringIO()
+        caption_job(CaptionJob(list(paths), model=tiny_model, **options), stdout=out, stdin=stdin)
+        return out.getvalue()
 
     # The README's Slurm array, 3 tasks: a listing on stdin, one part file per task, then cat.
     listing = "".join(f"{p}\n" for p in sorted(folder.rglob("*.png")))
     for i in range(3):
-        subprocess.run([*ONE_PROCESS, "caption", "-", "--shard", f"{i}/3", "-f", "jsonl", "-o",
-                        str(tmp_path / f"part-{i}.jsonl"), "--resume", *model], input=listing, text=True, check=True)
+        captions("-", stdin=io.StringIO(listing), shard=f"{i}/3", format="jsonl",
+                 output=tmp_path / f"part-{i}.jsonl", resume=True)
     merged = "".join((tmp_path / f"part-{i}.jsonl").read_text() for i in range(3))
     assert sorted(r["image"] for r in read_jsonl(merged)) == listing.split()  # each image exactly once
 
     # CSV parts: only part 0 has the header, so concatenation is one CSV.
-    full = run(ONE_PROCESS, ["caption", str(folder), "-r", "-f", "csv", *model]).stdout
-    parts = [run(ONE_PROCESS, ["caption", str(folder), "-r", "-f", "csv", "--shard", f"{i}/3", *model]).stdout
-             for i in range(3)]
+    full = captions(str(folder), recursive=True, format="csv")
+    parts = [captions(str(folder), recursive=True, format="csv", shard=f"{i}/3") for i in range(3)]
     assert "".join(parts).splitlines()[0] == "image,caption"
     assert sorted("".join(parts).splitlines()) == sorted(full.splitlines())
 
@@ -102,7 +108,7 @@ def test_caption_shards_concatenate_into_the_full_output(tiny_model, tmp_path, r
     moved = tmp_path / "elsewhere" / "photos"
     moved.parent.mkdir()
     folder.rename(moved)
-    again = run(ONE_PROCESS, ["caption", str(moved), "-r", "-f", "csv", "--shard", "1/3", *model]).stdout
+    again = captions(str(moved), recursive=True, format="csv", shard="1/3")
     assert again == parts[1].replace(str(folder), str(moved))
 
 

@@ -101,3 +101,15 @@ def test_bf16_autocast_on_the_cpu_trains_close_to_fp32_and_is_recorded(shapes_da
     # bf16 rounds the matmuls (so not equal), yet learns the same thing (so close)
     assert last_val_loss(bf16) != last_val_loss(fp32)
     assert abs(last_val_loss(bf16) - last_val_loss(fp32)) < 0.05 * last_val_loss(fp32)
+
+
+def test_resume_refuses_an_option_that_contradicts_the_run_and_prints_its_settings(shapes_data, tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    assert train(shapes_data, tiny_lm, out, "--max-steps", "2").exit_code == 0
+    result = runner.invoke(app, ["train", "--data", str(shapes_data), "--out", str(out), "--resume", "--lr", "0.1"])
+    assert result.exit_code == 2
+    assert "--lr 0.1 conflicts with the run" in result.stderr and "0.0005" in result.stderr
+    result = runner.invoke(app, ["train", "--data", str(shapes_data), "--out", str(out), "--resume", "--max-steps",
+                                 "3", "--features", str(shapes_data / "features")])
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.stderr and "batch_size=12" in result.stderr and "max_steps=3" in result.stderr

@@ -1,0 +1,424 @@
+"""One function per command: a settings dataclass and a Reporter in, a result out. Resume, sidecars, shards,
+the CSV header and merging launched processes' parts live here; `capcli.cli` only parses and calls.
+Nothing here prints: messages go to the reporter, captions to the output stream given."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, GroundingConfig, ModelConfig
+from capcli.errors import CapcliError, InputError
+from capcli.reporting import Reporter
+from capcli.shards import Shard, job_shard
+
+
+@dataclass
+class JobResult:
+    """How many inputs were done, failed (each reported to the reporter) or skipped as done before."""
+
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class ExtractJob:
+    data: Path  # data set: a folder or a captions file
+    out: Path | None = None  # feature cache (default: the capcli cache's features/)
+    split: Path | None = None  # the images to use, one name a line
+    encoder: str = DEFAULT_ENCODER
+    encoder_weights: Path | None = None  # weights file instead of the packaged or hub weights
+    shard: str | None = None  # "I/N": take part I of N of the images
+    batch_size: int | None = None  # images per encoder forward (default: 4 on a CPU, 64 on a GPU)
+    workers: int | None = None  # image-decoding processes
+    device: str = "auto"
+
+
+def extract_job(job: ExtractJob, report: Reporter = Reporter()) -> JobResult:
+    """Encode every image of a data set once into the feature cache (only what is missing)."""
+    from capcli.data import load_captions
+    from capcli.devices import resolve_device
+    from capcli.encoders import load_encoder
+    from capcli.features import FeatureCache, extract
+    from capcli.files import cache_dir
+
+    device = resolve_device(job.device)
+    captions = load_captions(job.data, job.split)
+    cache = FeatureCache(job.out or cache_dir() / "features")
+    encoder = load_encoder(job.encoder, job.encoder_weights)
+    part = job_shard(job.shard)
+    root = job.data if job.data.is_dir() else job.data.parent
+    images = [p for p in captions.images if Path(os.path.relpath(p, root)).as_posix() in part]
+    report.line(captions.report())
+    if not part.everything:
+        report.line(f"{part.describe()}: {len(images)} of {len(captions.images)} images")
+    started = time.monotonic()
+    _, encoded, failures = extract(images, encoder, cache, device, job.batch_size, job.workers,
+                                   progress=report.progress(len(images), "extract"))
+    seconds = time.monotonic() - started
+    report.end_progress()
+    for error in failures:
+        report.warn(str(error))
+    rate = f" ({encoded / seconds:.1f} images/s)" if encoded else ""
+    cached = len(images) - encoded - len(failures)
+    report.line(f"encoded {encoded} images in {seconds:.1f} s{rate}; {cached} were cached already (or copies of "
+                f"another image); {len(failures)} failed; cache: {cache.folder}")
+    return JobResult(done=encoded, failed=len(failures), skipped=cached)
+
+
+@dataclass
+class TrainJob:
+    """`capcli train`. Model options left None take their defaults, or a resumed run's own values."""
+
+    data: Path  # data set: a folder or a captions file
+    out: Path  # the model dir to write
+    split: Path | None = None  # training images, one name a line
+    val_split: Path | None = None  # validation images, one name a line
+    features: Path | None = None  # feature cache (default: the capcli cache's features/)
+    encoder: str | None = None  # default efficientnet-lite0
+    encoder_weights: Path | None = None  # weights file (recorded in config.json)
+    lm: str | None = None  # default smollm2-135m
+    mapper: str | None = None  # mlp (pooled features) or transformer (grid tokens); default mlp
+    prefix_length: int | None = None  # default 10
+    hidden_size: int | None = None  # default 1024 for mlp, 512 for transformer
+    num_layers: int | None = None  # transformer layers; default 2
+    prompt: str | None = None  # text between the prefix and the caption; default none
+    grounding: GroundingConfig | None = None  # labels in the prompt (a new run only)
+    settings: dict = field(default_factory=dict)  # TrainSettings fields given; the rest: defaults or the run's
+    resume: bool = False  # continue the run in `out` from its checkpoint
+    device: str = "auto"
+
+
+RESUME_CHANGES = ("epochs", "max_steps")  # what a resumed run may change: its length
+
+
+def train_job(job: TrainJob, report: Reporter = Reporter()) -> dict:
+    """Train a mapper (extracting missing features first); returns the last epoch's record."""
+    from capcli.data import load_captions
+    from capcli.features import FeatureCache
+    from capcli.files import cache_dir
+    from capcli.shards import launched_rank
+    from capcli.train import TrainRun, fit
+
+    if launched_rank()[0] > 0:
+        report = Reporter()  # under torchrun / accelerate launch, only the main process speaks
+    device = _train_device(job.device)
+    train_set = load_captions(job.data, job.split)
+    val_set = load_captions(job.data, job.val_split) if job.val_split else None
+    report.line(f"train: {train_set.report()}")
+    if val_set:
+        report.line(f"val: {val_set.report()}")
+    config, settings, checkpoint, encoder, lm = _train_model(job, report)
+    cache = FeatureCache(job.features or cache_dir() / "features")
+    run = TrainRun(job.out, config, train_set, val_set, cache, encoder, lm, device, settings, checkpoint)
+    record = fit(run, report)
+    report.end_progress()
+    report.line(f"model saved in {job.out}" + (f" (val loss {record['val_loss']:.3f})" if "val_loss" in record else ""))
+    return record
+
+
+def _train_device(name: str):
+    from capcli.devices import resolve_device
+    from capcli.shards import launched_rank
+
+    if launched_rank()[1] > 1 and name not in ("auto", "cpu", "cuda"):
+        raise CapcliError(f"--device {name}: launched processes each use their own GPU (LOCAL_RANK); "
+                          f"use --device auto, cuda or cpu")
+    return resolve_device(name)
+
+
+def _train_model(job: TrainJob, report: Reporter):
+    """The model config, settings and checkpoint of a new or resumed run, with its encoder and LM loaded."""
+    from capcli import modeldir
+    from capcli.encoders import load_encoder
+    from capcli.lm import load_lm
+    from capcli.train import TrainSettings
+
+    checkpoint_path = job.out / modeldir.CHECKPOINT_FILE
+    if not job.resume:
+        if checkpoint_path.exists():
+            raise CapcliError(f"{job.out} already holds a training run: pass --resume to continue it, or choose "
+                              f"a new --out")
+        encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
+        lm = load_lm(job.lm or DEFAULT_LM, log=report.line)
+        return _new_config(job, encoder, lm), TrainSettings(**job.settings), None, encoder, lm
+    if not checkpoint_path.is_file():
+        raise CapcliError(f"{job.out}: nothing to resume (no {modeldir.CHECKPOINT_FILE}); run without --resume")
+    config = ModelConfig.load(job.out / modeldir.CONFIG_FILE)
+    checkpoint = modeldir.load_checkpoint(checkpoint_path)
+    settings = TrainSettings(**checkpoint["settings"])
+    _refuse_conflicts(job, config, settings)
+    settings = dataclasses.replace(settings, **{k: job.settings[k] for k in RESUME_CHANGES if k in job.settings})
+    report.line(f"resuming {job.out}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
+    encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, job.encoder_weights))
+    lm = load_lm(config.lm, log=report.line)
+    modeldir.check_matches(config, encoder, lm, job.out)
+    return config, settings, checkpoint, encoder, lm
+
+
+def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
+    mapper = job.mapper or "mlp"
+    return ModelConfig(
+        encoder=encoder.name, encoder_id=encoder.encoder_id, feature_dim=encoder.feature_dim,
+        num_tokens=encoder.num_tokens, lm=job.lm or DEFAULT_LM, lm_id=lm.lm_id, lm_width=lm.width, mapper=mapper,
+        prefix_length=job.prefix_length or 10, hidden_size=job.hidden_size or (1024 if mapper == "mlp" else 512),
+        num_layers=job.num_layers or 2, prompt=job.prompt or "", grounding=job.grounding,
+        encoder_weights=str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None)
+
+
+def _refuse_conflicts(job: TrainJob, config: ModelConfig, settings) -> None:
+    """A resumed run keeps its own model and settings: an option given with --resume that says otherwise is
+    refused (except --epochs and --max-steps, which lengthen or shorten the run)."""
+    given = {**{k: getattr(job, k) for k in ("encoder", "lm", "mapper", "prefix_length", "hidden_size", "num_layers",
+                                              "prompt", "grounding") if getattr(job, k) is not None},
+             **{k: v for k, v in job.settings.items() if k not in RESUME_CHANGES}}
+    for name, value in given.items():
+        own = getattr(config, name) if hasattr(config, name) else getattr(settings, name)
+        if value != own:
+            option = "--" + name.replace("_", "-")
+            raise CapcliError(f"{option} {value!r} conflicts with the run in {job.out} ({own!r}); drop it to resume, "
+                              f"or start a new run")
+
+
+@dataclass
+class CaptionJob:
+    """`capcli caption`: which images, which model, how to decode, and where the captions go."""
+
+    paths: list[str]  # images, folders, globs, or "-" for paths on stdin
+    model: Path | None = None  # model dir (default: the shipped one)
+    recursive: bool = False  # walk folders recursively
+    format: str = "text"  # text, jsonl or csv
+    output: Path | None = None  # file to write (default: the stream given to caption_job)
+    resume: bool = False  # with output: skip images already in it, and append
+    sidecar: str | None = None  # write each caption beside its image with this suffix (".txt")
+    existing: str = "skip"  # sidecars that exist: skip the image, or overwrite
+    decoding: dict = field(default_factory=dict)  # GenerationSettings fields; None: the model's default
+    prompt: str | None = None  # replaces the model's prompt
+    labels: bool = False  # also output the nouns the encoder's classifier sees
+    shard: str | None = None  # "I/N": take part I of N of the inputs
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    encoder_weights: Path | None = None
+
+
+def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO | None = None,
+                stdin: TextIO | None = None) -> JobResult:
+    """Caption images into the output (or `stdout`, default sys.stdout) and sidecars; `stdin` (default
+    sys.stdin) lists paths for "-". Under torchrun or accelerate launch each process writes FILE.partRofN,
+    and the main process merges the parts into FILE when all are done."""
+    from capcli.output import part_path
+
+    _check_caption_job(job)
+    part = job_shard(job.shard)
+    if part.world > 1 and job.output is None and not job.sidecar:
+        raise CapcliError("with several launched processes, give -o FILE (each writes a part, merged at the end) "
+                          "or --sidecar")
+    images, total = _images_to_caption(job, part, stdin)
+    output = part_path(job.output, part.rank, part.world) if part.world > 1 and job.output else job.output
+    result = JobResult()
+    result.skipped, images = _skip_done(job, images, output)
+    if not part.everything:
+        report.line(f"{part.describe()}: {len(images) + result.skipped} of {total} images")
+    if result.skipped:
+        report.line(f"skipping {result.skipped} images already captioned")
+    if images:
+        # Only part 0 of a sharded job writes the CSV header, so its parts concatenate into one CSV.
+        header = part.index == 0 and part.rank == 0 and not (job.resume and not (_empty(output) and _empty(job.output)))
+        result.done, result.failed = _write_captions(job, images, output, header, report, stdout or sys.stdout)
+    if part.world > 1 and job.output is not None:
+        _merge_launched_parts(job.output, part, job.resume, report)
+    return result
+
+
+def _check_caption_job(job: CaptionJob) -> None:
+    if job.resume and job.output is None:
+        raise CapcliError("--resume needs -o FILE (the file to continue)")
+    if job.sidecar is not None and not job.sidecar.startswith("."):
+        raise CapcliError("--sidecar takes a suffix starting with a dot, e.g. --sidecar .txt")
+
+
+def _images_to_caption(job: CaptionJob, part: Shard, stdin) -> tuple[list[Path], int]:
+    """This process's images (each once) and how many were found in all."""
+    from capcli.images import find_images
+
+    found = dict(find_images(job.paths, job.recursive, stdin))  # path -> shard key
+    if not found:
+        raise CapcliError("no images found in the given paths" + ("" if job.recursive else " (use -r to walk subfolders)"))
+    return [path for path, key in found.items() if key in part], len(found)
+
+
+def _skip_done(job: CaptionJob, images: list[Path], output: Path | None) -> tuple[int, list[Path]]:
+    """Leave out images already in the output (--resume) or with a sidecar (--existing skip)."""
+    from capcli.output import done_images
+
+    before = len(images)
+    if output is not None and job.resume:
+        done = done_images(output, job.format) | (done_images(job.output, job.format) if job.output != output else set())
+        images = [p for p in images if str(p) not in done]
+    if job.sidecar and job.existing == "skip":
+        images = [p for p in images if not p.with_suffix(job.sidecar).exists()]
+    return before - len(images), images
+
+
+def _empty(path: Path | None) -> bool:
+    return path is None or not path.exists() or path.stat().st_size == 0
+
+
+def _write_captions(job: CaptionJob, images: list[Path], output: Path | None, header: bool, report: Reporter,
+                    stdout: TextIO) -> tuple[int, int]:
+    """Caption `images` into output (or stdout) and sidecars; returns (captioned, failed)."""
+    from capcli.output import CaptionWriter, write_sidecar
+    from capcli.pipeline import Captioner
+
+    captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
+    if job.labels and captioner.encoder.head is None:
+        raise CapcliError(f"--labels: encoder {captioner.encoder.encoder_id} has no classification head "
+                          f"(backbone-only weights?); use weights that include the classifier")
+    if job.prompt is not None:
+        captioner.model.set_prompt(job.prompt)
+    settings = captioner.settings(**job.decoding)
+    done = 0
+    with _output_stream(output, job.resume, stdout) as stream:
+        writer = None if (job.sidecar and output is None) else CaptionWriter(stream, job.format, header, job.labels)
+        for path, result in captioned(captioner, images, settings, job, report, job.labels):
+            try:
+                if job.sidecar:
+                    write_sidecar(path, job.sidecar, result.captions)
+                if writer:
+                    writer.write(path, result.captions, result.labels)
+            except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
+                where = path.with_suffix(job.sidecar) if job.sidecar else (output or "stdout")
+                raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
+                                  f"before it are complete and kept") from None
+            done += 1
+    report.end_progress()
+    report.line(f"captioned {done} images; {len(images) - done} failed")
+    return done, len(images) - done
+
+
+class _output_stream:
+    """The output file (appended to with --resume) or the given stream; closed quietly at the end, since
+    every record was flushed as it was written."""
+
+    def __init__(self, output: Path | None, resume: bool, stdout: TextIO):
+        self.output, self.resume, self.stdout, self.file = output, resume, stdout, None
+
+    def __enter__(self) -> TextIO:
+        if self.output is None:
+            return self.stdout
+        try:
+            self.file = open(self.output, "a" if self.resume else "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise CapcliError(f"{self.output}: cannot write ({exc.strerror})") from None
+        return self.file
+
+    def __exit__(self, *exc_info) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+
+
+def captioned(captioner, images: list[Path], settings, job, report: Reporter, with_labels: bool) -> Iterator:
+    """(path, Captioned) for each image that could be captioned, with progress; failures go to report.warn."""
+    advance = report.progress(len(images), "caption")
+    for path, result in captioner.caption_paths(images, settings, job.batch_size, job.workers, with_labels):
+        advance(1)
+        if isinstance(result, InputError):
+            report.warn(str(result))
+        else:
+            yield path, result
+
+
+def _merge_launched_parts(output: Path, part: Shard, resume: bool, report: Reporter) -> None:
+    """Wait for every launched process, then the main one concatenates the parts into output."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from capcli.output import merge_parts, part_path
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # a CPU barrier, whatever the devices
+    try:
+        dist.barrier()
+        if part.rank == 0:
+            merge_parts(output, [part_path(output, rank, part.world) for rank in range(part.world)], append=resume)
+            report.line(f"merged {part.world} parts into {output}")
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class EvalJob:
+    """`capcli eval`: caption a split and score it against its references."""
+
+    data: Path  # data set with reference captions
+    split: Path | None = None  # the images to evaluate, one name a line
+    model: Path | None = None  # model dir (default: the shipped one)
+    decoding: dict = field(default_factory=dict)  # GenerationSettings fields; None: the model's default
+    output: Path | None = None  # predictions as JSON lines
+    report: Path | None = None  # an HTML report, worst captions first
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    encoder_weights: Path | None = None
+
+
+def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResult]:
+    """The summary (text metrics, object metrics, decoding, time) and how many images failed."""
+    from capcli.data import load_captions
+    from capcli.pipeline import Captioner
+
+    references = load_captions(job.data, job.split)
+    report.line(references.report())
+    captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
+    settings = captioner.settings(**job.decoding)
+    with_labels = captioner.encoder.head is not None
+    started = time.monotonic()
+    predictions = {str(path): result for path, result in
+                   captioned(captioner, references.images, settings, job, report, with_labels)}
+    seconds = time.monotonic() - started
+    report.end_progress()
+    if not predictions:
+        raise CapcliError("no image could be captioned")
+    refs = {str(p): c for p, c in references.captions.items()}
+    summary, rows = _score(predictions, refs, with_labels, report)
+    summary = {"model": str(captioner.model_dir), "images": len(predictions),
+               "failed": len(references.images) - len(predictions), **summary,
+               "decoding": dataclasses.asdict(settings), "seconds": round(seconds, 1)}
+    _write_eval_outputs(job, summary, rows)
+    return summary, JobResult(done=len(predictions), failed=summary["failed"])
+
+
+def _score(predictions: dict, refs: dict, with_labels: bool, report: Reporter) -> tuple[dict, list[dict]]:
+    from capcli.evaluate import objects_by_top_label, score
+    from capcli.objects import object_metrics
+
+    captions = {k: v.captions[0] for k, v in predictions.items()}
+    metrics, per_image, tokenizer = score(captions, refs, warn=report.line)
+    objects, per_image_objects = object_metrics(captions, refs)
+    labels = {k: v.labels for k, v in predictions.items()}
+    summary = {"tokenizer": tokenizer, "metrics": metrics, "objects": objects,
+               **(objects_by_top_label(captions, refs, labels) if with_labels else {})}
+    rows = [{"image": k, "caption": v, "references": refs[k], "cider": per_image[k], **per_image_objects[k],
+             **({"labels": [list(x) for x in labels[k]]} if with_labels else {})} for k, v in captions.items()]
+    return summary, rows
+
+
+def _write_eval_outputs(job: EvalJob, summary: dict, rows: list[dict]) -> None:
+    from capcli.evaluate import write_report
+    from capcli.files import atomic_write_text
+
+    if job.output:
+        atomic_write_text(job.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    if job.report:
+        write_report(job.report, rows, summary)

@@ -1,0 +1,115 @@
+"""Grounded models: labels in the prompt, trained on the captions' own nouns; labels in the outputs;
+captions never empty; models and encoders that cannot give labels are refused with one line."""
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from capcli.config import GenerationSettings
+from capcli.errors import ModelError
+from capcli.images import open_image
+from capcli.pipeline import Captioner
+from conftest import make_images, train_tiny
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def grounded_model(tmp_path_factory, tiny_data, tiny_lm):
+    return train_tiny(tiny_data, tiny_lm, tmp_path_factory.mktemp("grounded") / "model", "--grounded")
+
+
+def test_a_grounded_model_records_its_template_and_captions(grounded_model, tmp_path):
+    config = json.loads((grounded_model / "config.json").read_text())
+    assert "{labels}" in config["grounding"]["template"] and config["grounding"]["drop"] == 0.4
+    images = make_images(tmp_path, 2)
+    result = runner.invoke(app, ["caption", *map(str, images), "--model", str(grounded_model), "--max-new-tokens",
+                                 "4", "--labels", "-f", "jsonl", "--quiet"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["image"] for r in records] == list(map(str, images))
+    for record in records:
+        assert record["caption"] and isinstance(record["labels"], list)
+        assert all(isinstance(noun, str) and 0 < score <= 1 for noun, score in record["labels"])
+
+
+def test_labels_go_into_a_csv_column(tiny_model, tmp_path):
+    [image] = make_images(tmp_path, 1)
+    result = runner.invoke(app, ["caption", str(image), "--model", str(tiny_model), "--labels", "-f", "csv",
+                                 "--max-new-tokens", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    header, row = list(csv.reader(io.StringIO(result.stdout)))
+    assert header == ["image", "caption", "labels"] and row[0] == str(image)
+    assert all(len(item.split(" ")) >= 2 for item in row[2].split("; ") if item)
+
+
+def test_rows_with_labels_of_different_lengths_decode_as_if_alone(grounded_model):
+    captioner = Captioner.load(grounded_model, device="cpu")
+    torch.manual_seed(0)
+    features = torch.randn(2, captioner.model.config.feature_dim)
+    settings = GenerationSettings(max_new_tokens=5)
+    alone = captioner.model.generate(features[:1], settings, [["dog"]])
+    together = captioner.model.generate(features, settings, [["dog"], ["cat", "ball", "car", "sheep"]])
+    assert together[0] == alone[0]
+
+
+def test_a_caption_is_never_empty(tiny_model, tmp_path):
+    """A model whose LM would end the text at once still writes a caption."""
+    captioner = Captioner.load(tiny_model, device="cpu")
+    head = captioner.model.lm.model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[captioner.model.lm.eos_token_id] *= 50  # the end of text now wins every step
+    images = make_images(tmp_path, 2)
+    settings = captioner.settings(max_new_tokens=6)
+    batch = torch.stack([captioner.encoder.preprocess(open_image(p)) for p in images])
+    with torch.no_grad():
+        features = captioner.encoder(batch).mean(1)
+    raw = captioner.model._decode(features, captioner.model.context_ids(None, 2), settings)
+    assert raw == [[""], [""]]  # what decoding alone gives here
+    assert all(c.strip() for c in captioner.caption(images, max_new_tokens=6))
+
+
+def headless(monkeypatch):
+    """Encoders loaded without their classification head, as backbone-only weights give."""
+    import capcli.pipeline
+
+    real = capcli.pipeline.load_encoder
+
+    def load(*args, **kwargs):
+        encoder = real(*args, **kwargs)
+        encoder.head = None
+        return encoder
+    monkeypatch.setattr(capcli.pipeline, "load_encoder", load)
+
+
+def test_labels_without_a_classification_head_stop_with_one_line(tiny_model, tmp_path, monkeypatch):
+    [image] = make_images(tmp_path, 1)
+    headless(monkeypatch)
+    result = runner.invoke(app, ["caption", str(image), "--model", str(tiny_model), "--labels"])
+    assert result.exit_code == 2
+    assert "no classification head" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_grounded_model_refuses_an_encoder_without_a_head(grounded_model, monkeypatch):
+    headless(monkeypatch)
+    with pytest.raises(ModelError, match=f"{grounded_model}.*no classification head"):
+        Captioner.load(grounded_model, device="cpu")
+
+
+def test_an_unknown_key_in_config_json_is_refused_naming_it(tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["generation"] = {"beam": 5}  # a typo of "beams"
+    (model / "config.json").write_text(json.dumps(config))
+    [image] = make_images(tmp_path, 1)
+    result = runner.invoke(app, ["caption", str(image), "--model", str(model)])
+    assert result.exit_code == 2
+    assert "generation.beam" in result.stderr and str(model / "config.json") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
