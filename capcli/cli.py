@@ -55,7 +55,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 EncoderWeightsOpt = Annotated[Optional[Path], typer.Option(help="Encoder weights file (instead of the packaged or hub weights).")]
 BatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 16 on a CPU, 64 on a GPU).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Image-decoding processes (default: up to 4).")]
-ModelOpt = Annotated[Optional[Path], typer.Option(help="Model dir (default: the shipped weights/default).")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="Model dir, or a shipped model: default (the default) or grounded.")]
 BeamsOpt = Annotated[Optional[int], typer.Option(min=1, help="Beam search width (1: greedy).")]
 MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, in tokens.")]
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]

@@ -101,10 +101,22 @@ def encoder_weights(config: ModelConfig, override: Path | None) -> Path | None:
     return None
 
 
-def default_model_dir() -> Path:
-    """The shipped default model: weights/default in a source checkout, or share/capcli in an install."""
+SHIPPED = ("default", "grounded")  # model dirs installed with capcli, usable by name: --model grounded
+
+
+def shipped_model_dir(name: str = "default") -> Path:
+    """A shipped model: weights/NAME in a source checkout, or share/capcli/weights/NAME in an install."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "weights" / "default", Path(sys.prefix) / "share" / "capcli" / "weights" / "default"):
+    for candidate in (here.parent / "weights" / name, Path(sys.prefix) / "share" / "capcli" / "weights" / name):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
-    raise ModelError("no default model is installed yet: pass --model DIR (train one with `capcli train`)")
+    raise ModelError(f"no {name} model is installed: pass --model DIR (train one with `capcli train`)")
+
+
+def resolve_model_dir(spec: Path | str | None) -> Path:
+    """None: the default model; a shipped model's name (when no such folder exists here); else the path."""
+    if spec is None:
+        return shipped_model_dir("default")
+    if not Path(spec).exists() and str(spec) in SHIPPED:
+        return shipped_model_dir(str(spec))
+    return Path(spec)

@@ -22,7 +22,7 @@ from capcli.errors import InputError, ModelError
 from capcli.lm import LanguageModel, load_lm
 from capcli.mapper import build_mapper
 from capcli import modeldir
-from capcli.modeldir import MAPPER_FILE, check_matches, default_model_dir, load_mapper_weights, read_model_dir
+from capcli.modeldir import MAPPER_FILE, check_matches, load_mapper_weights, read_model_dir, resolve_model_dir
 
 IGNORE_INDEX = -100  # label of positions that carry no loss: prefix, prompt, padding
 MIN_RETRY_TOKENS = 4  # an empty caption is decoded again with at least this many tokens
@@ -212,9 +212,9 @@ class Captioner:
     @classmethod
     def load(cls, model_dir: Path | str | None = None, device: str = "auto",
              encoder_weights: Path | None = None, log=None) -> "Captioner":
-        """Load a model dir (default: the shipped one). encoder_weights: the encoder's weights file, for a
-        model trained with one that is no longer where its config.json says."""
-        model_dir = Path(model_dir) if model_dir else default_model_dir()  # log: hears of a first-use download
+        """Load a model dir, or a shipped model by name ("default", the default; "grounded"). encoder_weights:
+        the encoder's weights file, for a model trained with one that is no longer where config.json says."""
+        model_dir = resolve_model_dir(model_dir)  # log: hears of a first-use download
         config, state = read_model_dir(model_dir)
         encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, encoder_weights))
         if config.grounding is not None and encoder.head is None:

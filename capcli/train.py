@@ -156,7 +156,7 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
         torch.set_rng_state(run.checkpoint["rng"])
         report.line(f"resuming at step {state.step} of {total_steps}")
     elif settings.init:
-        init = Path(settings.init)
+        init = modeldir.resolve_model_dir(settings.init)
         config, weights = modeldir.read_model_dir(init)
         modeldir.check_matches(config, run.encoder, run.lm, init)
         modeldir.load_mapper_weights(model.mapper, weights, init / modeldir.MAPPER_FILE, run.config.mapper)

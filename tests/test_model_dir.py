@@ -102,3 +102,16 @@ def test_training_twice_into_one_dir_needs_resume(tiny_model, shapes_data, tiny_
                                  "--encoder", "tiny-random-cnn"])
     assert result.exit_code == 2
     assert "already holds a training run: pass --resume" in result.stderr
+
+
+def test_shipped_models_are_found_by_name_unless_a_folder_has_that_name(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from capcli.modeldir import resolve_model_dir
+
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir(None) == weights / "default"
+    assert resolve_model_dir("grounded") == weights / "grounded"
+    (tmp_path / "grounded").mkdir()
+    assert resolve_model_dir("grounded") == Path("grounded")  # a folder of that name wins

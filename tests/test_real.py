@@ -78,3 +78,27 @@ def test_the_shipped_default_model_captions_an_example_with_no_flags(real_cache)
     assert result.exit_code == 0, result.output
     path, text = result.stdout.rstrip("\n").split("\t")
     assert path == str(example) and len(text.split()) >= 4 and text.endswith(".")
+
+
+def test_the_encoder_names_the_example_photos():
+    from capcli.encoders import load_encoder
+    from capcli.images import open_image
+    from capcli.labels import Labeler
+
+    encoder = load_encoder()
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    images = torch.stack([encoder.preprocess(open_image(examples / n)) for n in ("chelsea.png", "coffee.png",
+                                                                                "rocket.jpg")])
+    with torch.no_grad():
+        labels = Labeler()(encoder.classify(encoder(images).mean(1)))
+    assert [row[0][0] for row in labels] == ["cat", "coffee", "rocket"]
+
+
+def test_the_shipped_grounded_model_calls_the_cat_a_cat_and_the_rocket_a_rocket(real_cache):
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    result = runner.invoke(app, ["caption", str(examples / "chelsea.png"), str(examples / "rocket.jpg"), "--model",
+                                 "grounded", "--quiet"])
+    assert result.exit_code == 0, result.output
+    cat, rocket = [line.split("\t")[1] for line in result.stdout.splitlines()]
+    assert " cat " in cat and " dog" not in cat
+    assert " rocket " in rocket
