@@ -55,11 +55,12 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 EncoderWeightsOpt = Annotated[Optional[Path], typer.Option(help="Encoder weights file (instead of the packaged or hub weights).")]
 BatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 16 on a CPU, 64 on a GPU).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Image-decoding processes (default: up to 4).")]
-ModelOpt = Annotated[Optional[Path], typer.Option(help="Model dir, or a shipped model: default (the default) or grounded.")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="Model dir (default: the shipped model, also named default).")]
 BeamsOpt = Annotated[Optional[int], typer.Option(min=1, help="Beam search width (1: greedy).")]
 MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, in tokens.")]
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
 NoRepeatOpt = Annotated[Optional[int], typer.Option(min=0, help="Never repeat an n-gram of this size (0: allow).")]
+LabelBonusOpt = Annotated[Optional[float], typer.Option(help="Grounded models: add this to the logits of the labels' words (0: off).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     help="Take part I of N (0 <= I < N) of the inputs, by a stable hash of each path relative to the root "
          "given: e.g. --shard $SLURM_ARRAY_TASK_ID/100.")]
@@ -249,6 +250,7 @@ def caption(
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
+    label_bonus: LabelBonusOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
     labels: Annotated[bool, typer.Option("--labels", help="Also output the nouns the encoder's classifier sees, with their scores.")] = False,
     shard: ShardOpt = None,
@@ -266,7 +268,7 @@ def caption(
 
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size)
+                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights),
                        reporter)
@@ -282,6 +284,7 @@ def evaluate(
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
+    label_bonus: LabelBonusOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write predictions (JSON lines) here.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write an HTML report here: worst captions first.")] = None,
     batch_size: BatchOpt = None,
@@ -295,7 +298,7 @@ def evaluate(
     from capcli.jobs import eval_job
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size)
+                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
                                        device.value, encoder_weights), reporter)
     typer.echo(json.dumps(summary, indent=2))

@@ -101,7 +101,7 @@ def encoder_weights(config: ModelConfig, override: Path | None) -> Path | None:
     return None
 
 
-SHIPPED = ("default", "grounded")  # model dirs installed with capcli, usable by name: --model grounded
+SHIPPED = ("default",)  # model dirs installed with capcli, usable by name: --model default
 
 
 def shipped_model_dir(name: str = "default") -> Path:

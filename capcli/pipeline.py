@@ -212,7 +212,7 @@ class Captioner:
     @classmethod
     def load(cls, model_dir: Path | str | None = None, device: str = "auto",
              encoder_weights: Path | None = None, log=None) -> "Captioner":
-        """Load a model dir, or a shipped model by name ("default", the default; "grounded"). encoder_weights:
+        """Load a model dir, or a shipped model by name ("default", used when none is given). encoder_weights:
         the encoder's weights file, for a model trained with one that is no longer where config.json says."""
         model_dir = resolve_model_dir(model_dir)  # log: hears of a first-use download
         config, state = read_model_dir(model_dir)

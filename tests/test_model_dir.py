@@ -111,7 +111,6 @@ def test_shipped_models_are_found_by_name_unless_a_folder_has_that_name(tmp_path
 
     weights = Path(__file__).resolve().parents[1] / "weights"
     monkeypatch.chdir(tmp_path)
-    assert resolve_model_dir(None) == weights / "default"
-    assert resolve_model_dir("grounded") == weights / "grounded"
-    (tmp_path / "grounded").mkdir()
-    assert resolve_model_dir("grounded") == Path("grounded")  # a folder of that name wins
+    assert resolve_model_dir(None) == resolve_model_dir("default") == weights / "default"
+    (tmp_path / "default").mkdir()
+    assert resolve_model_dir("default") == Path("default")  # a folder of that name wins

@@ -94,10 +94,9 @@ def test_the_encoder_names_the_example_photos():
     assert [row[0][0] for row in labels] == ["cat", "coffee", "rocket"]
 
 
-def test_the_shipped_grounded_model_calls_the_cat_a_cat_and_the_rocket_a_rocket(real_cache):
+def test_the_default_model_calls_the_cat_a_cat_and_the_rocket_a_rocket(real_cache):
     examples = Path(__file__).resolve().parents[1] / "examples"
-    result = runner.invoke(app, ["caption", str(examples / "chelsea.png"), str(examples / "rocket.jpg"), "--model",
-                                 "grounded", "--quiet"])
+    result = runner.invoke(app, ["caption", str(examples / "chelsea.png"), str(examples / "rocket.jpg"), "--quiet"])
     assert result.exit_code == 0, result.output
     cat, rocket = [line.split("\t")[1] for line in result.stdout.splitlines()]
     assert " cat " in cat and " dog" not in cat
