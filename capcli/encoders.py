@@ -61,12 +61,17 @@ class ImageEncoder(nn.Module):
         fmap = self.trunk(images.contiguous(memory_format=torch.channels_last))  # (B, D, H, W)
         return fmap.flatten(2).transpose(1, 2)  # (B, N, D)
 
-    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, D) -> class logits (B, 1000), from the same forward as the features."""
+    def require_head(self) -> nn.Module:
+        """The classification head, or a ModelError saying this encoder cannot give labels."""
         if self.head is None:
             raise ModelError(f"encoder {self.encoder_id} has no classification head (backbone-only weights?), "
                              f"so it cannot give labels; use weights that include the classifier")
-        return self.head(pooled.float())
+        return self.head
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D), on any device -> class logits (B, 1000) on the head's device."""
+        head = self.require_head()
+        return head(pooled.to(next(head.parameters()).device).float())
 
 
 def fold_batch_norms(trunk: nn.Module, image_size: int) -> nn.Module:

@@ -87,6 +87,7 @@ def _thumbnail(path: Path, size: int = 192) -> str:
 def write_report(path: Path, rows: list[dict], summary: dict) -> None:
     """A self-contained HTML page: thumbnail, prediction, references and CIDEr per image, worst first."""
     from capcli.files import atomic_write_text
+    from capcli.output import format_labels
 
     esc = html.escape
     metrics = " &middot; ".join(f"{esc(k)} {v:.3f}" for k, v in summary["metrics"].items())
@@ -100,7 +101,7 @@ def write_report(path: Path, rows: list[dict], summary: dict) -> None:
                                                 ("missed_objects", "missed", "missed"))
                         if row.get(key))
         if row.get("labels"):
-            notes += f"<div class='path'>labels: {esc('; '.join(f'{n} {s:.2f}' for n, s in row['labels']))}</div>"
+            notes += f"<div class='path'>labels: {esc(format_labels(row['labels']))}</div>"
         body.append(
             f"<tr><td><img src='{_thumbnail(Path(row['image']))}' alt=''></td>"
             f"<td><b>{esc(row['caption'])}</b>{notes}<div class='path'>{esc(row['image'])}</div></td>"

@@ -24,12 +24,8 @@ def classifier_labels(encoder, pooled: torch.Tensor, grounding: GroundingConfig)
     """Pooled features (I, D) -> each image's confident labels, as captioning computes them."""
     from capcli.labels import Labeler
 
-    if encoder.head is None:
-        encoder.classify(pooled[:1])  # raises: this encoder has no classification head
     labeler = Labeler()
-    device = next(encoder.head.parameters()).device
-    return [confident(row, grounding) for chunk in pooled.split(1024)
-            for row in labeler(encoder.classify(chunk.to(device)).cpu())]
+    return [confident(row, grounding) for chunk in pooled.split(1024) for row in labeler(encoder.classify(chunk).cpu())]
 
 
 def training_example(caption: str, grounding: GroundingConfig, rng: random.Random) -> tuple[list[str], str]:

@@ -279,9 +279,8 @@ def _write_captions(job: CaptionJob, images: list[Path], output: Path | None, he
     from capcli.pipeline import Captioner
 
     captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
-    if job.labels and captioner.encoder.head is None:
-        raise CapcliError(f"--labels: encoder {captioner.encoder.encoder_id} has no classification head "
-                          f"(backbone-only weights?); use weights that include the classifier")
+    if job.labels:
+        captioner.encoder.require_head()  # before the output is opened
     if job.prompt is not None:
         captioner.model.set_prompt(job.prompt)
     settings = captioner.settings(**job.decoding)

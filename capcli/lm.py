@@ -46,8 +46,10 @@ class LanguageModel:
         return self.tokenizer.eos_token_id
 
 
-def load_lm(spec: str = DEFAULT_LM, log: Log = _silent) -> LanguageModel:
-    """Load the LM frozen (`requires_grad_(False)`, eval mode), in fp32 on the CPU."""
+def load_lm(spec: str = DEFAULT_LM, log: Log | None = None) -> LanguageModel:
+    """Load the LM frozen (`requires_grad_(False)`, eval mode), in fp32 on the CPU. log (default: silent)
+    hears of a first-use download or conversion."""
+    log = log or _silent
     if spec == DEFAULT_LM:
         folder = _converted_dir(SMOLLM2_SHA256)
         if not folder.is_dir():

@@ -7,7 +7,6 @@ builds the LM inputs, computes the loss and generates, and both commands use it.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,6 +18,8 @@ from capcli.config import GenerationSettings, ModelConfig
 from capcli.devices import autocast, resolve_device
 from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
 from capcli.errors import InputError, ModelError
+from capcli.grounding import confident
+from capcli.labels import Labeler
 from capcli.lm import LanguageModel, load_lm
 from capcli.mapper import build_mapper
 from capcli import modeldir
@@ -203,11 +204,9 @@ class Captioner:
     """The Python API: `Captioner.load(model_dir, device="auto").caption(images)`."""
 
     def __init__(self, model: CaptionModel, encoder: ImageEncoder, device: torch.device, model_dir: Path | None = None):
-        from capcli.labels import Labeler
-
         self.model, self.encoder, self.device, self.model_dir = model, encoder, device, model_dir
         self.defaults = GenerationSettings().updated(**model.config.generation)
-        self.labeler = Labeler() if encoder.head is not None else None
+        self.labeler = Labeler()
 
     @classmethod
     def load(cls, model_dir: Path | str | None = None, device: str = "auto",
@@ -220,7 +219,7 @@ class Captioner:
         if config.grounding is not None and encoder.head is None:
             raise ModelError(f"{model_dir} names the objects its encoder's classifier sees, but encoder "
                              f"{encoder.encoder_id} has no classification head; use weights that include it")
-        lm = load_lm(config.lm, **({"log": log} if log else {}))
+        lm = load_lm(config.lm, log=log)
         check_matches(config, encoder, lm, model_dir)
         model = CaptionModel(config, lm)
         load_mapper_weights(model.mapper, state, model_dir / MAPPER_FILE, config.mapper)
@@ -243,15 +242,8 @@ class Captioner:
         with autocast(self.device):
             grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
             pooled = grid.mean(1)  # (B, D)
-            labels = None
-            if with_labels or grounding is not None:
-                if self.labeler is None:
-                    self.encoder.classify(pooled)  # raises: no head
-                labels = self.labeler(self.encoder.classify(pooled))
-            named = None
-            if grounding is not None:
-                named = [[noun for noun, score in row if score >= grounding.threshold][: grounding.max_labels]
-                         for row in labels]
+            labels = self.labeler(self.encoder.classify(pooled)) if with_labels or grounding else None
+            named = [confident(row, grounding) for row in labels] if grounding else None
             features = grid if self.model.config.uses_grid else pooled
             captions = self.model.generate(features.float(), settings, named)
         return [Captioned(c, labels[i] if with_labels else None) for i, c in enumerate(captions)]
@@ -260,22 +252,24 @@ class Captioner:
         """Caption PIL images or paths. Returns one caption per image, or a list of K with num_captions=K.
         An unreadable path raises InputError; use caption_paths to go on past bad files."""
         settings = self.settings(**options)
-        results = [r.captions for r in self.describe(images, settings, batch_size)]
+        results = [r.captions for r in self._caption_images(images, settings, batch_size, with_labels=False)]
         return [r[0] for r in results] if settings.num_captions == 1 else results
 
-    def describe(self, images: Iterable, settings: GenerationSettings | None = None,
-                 batch_size: int = 16) -> list[Captioned]:
-        """Caption PIL images or paths, with the nouns the encoder sees: [Captioned(captions, labels)]."""
+    def describe(self, images: Iterable, batch_size: int = 16, **options) -> list[Captioned]:
+        """caption(), with the nouns the encoder sees: [Captioned(captions, labels)]."""
+        return self._caption_images(images, self.settings(**options), batch_size, with_labels=True)
+
+    def _caption_images(self, images: Iterable, settings: GenerationSettings, batch_size: int,
+                        with_labels: bool) -> list[Captioned]:
         from PIL import Image
 
         from capcli.images import open_image
 
-        settings = settings or self.settings()
         pictures = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
         results: list[Captioned] = []
         for start in range(0, len(pictures), batch_size):
             batch = torch.stack([self.encoder.preprocess(p.convert("RGB")) for p in pictures[start: start + batch_size]])
-            results.extend(self.caption_tensors(batch, settings, with_labels=True))
+            results.extend(self.caption_tensors(batch, settings, with_labels))
         return results
 
     def caption_paths(self, paths: list[Path], settings: GenerationSettings, batch_size: int | None = None,

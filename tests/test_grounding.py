@@ -113,3 +113,14 @@ def test_an_unknown_key_in_config_json_is_refused_naming_it(tiny_model, tmp_path
     assert result.exit_code == 2
     assert "generation.beam" in result.stderr and str(model / "config.json") in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_python_api_gives_labels_on_request_and_captions_without_a_head(tiny_model, tmp_path, monkeypatch):
+    images = make_images(tmp_path, 2)
+    [described, _] = Captioner.load(tiny_model, device="cpu").describe(images, max_new_tokens=3)
+    assert described.captions[0] and isinstance(described.labels, list)
+    headless(monkeypatch)
+    captioner = Captioner.load(tiny_model, device="cpu")
+    assert all(captioner.caption(images, max_new_tokens=3))  # an ungrounded model needs no head to caption
+    with pytest.raises(ModelError, match="no classification head"):
+        captioner.describe(images)
