@@ -43,11 +43,14 @@ class Format(str, Enum):
     text = "text"
     jsonl = "jsonl"
     csv = "csv"
+    html = "html"
 
 
 class Existing(str, Enum):
     skip = "skip"
     overwrite = "overwrite"
+    append = "append"
+    prepend = "prepend"
 
 
 DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.")]
@@ -235,11 +238,16 @@ def caption(
     paths: Annotated[list[str], typer.Argument(help="Images, folders, globs, or - to read paths from stdin.")],
     model: ModelOpt = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")] = False,
-    format: Annotated[Format, typer.Option("--format", "-f", help="text (path<TAB>caption), jsonl or csv.")] = Format.text,
+    format: Annotated[Format, typer.Option("--format", "-f", help="text (path<TAB>caption), jsonl, csv, or html (a contact sheet).")] = Format.text,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
     resume: Annotated[bool, typer.Option(help="With -o: skip images already in FILE and append.")] = False,
-    sidecar: Annotated[Optional[str], typer.Option(help="Write each caption beside its image with this suffix, e.g. .txt.")] = None,
-    existing: Annotated[Existing, typer.Option(help="With --sidecar: skip images that have one, or overwrite.")] = Existing.skip,
+    sidecar: Annotated[Optional[str], typer.Option(help="Write each caption beside its image with this suffix, e.g. .txt (.xmp: an XMP sidecar).")] = None,
+    sidecar_dir: Annotated[Optional[Path], typer.Option(help="Write the sidecars under DIR, mirroring the input folders, instead of beside the images.")] = None,
+    embed: Annotated[bool, typer.Option("--embed", help="Write the caption into each image's own metadata (XMP dc:description; EXIF ImageDescription too for JPEG), with exiftool.")] = False,
+    existing: Annotated[Existing, typer.Option(help="Captions already there (sidecar, or with --embed the file's description): skip the image, overwrite, or append/prepend to a text sidecar.")] = Existing.skip,
+    join: Annotated[str, typer.Option(help="With --existing append/prepend: text between the old and the new caption.")] = ", ",
+    caption_prefix: Annotated[str, typer.Option(help='Text put before every caption, e.g. "photo of sks, ".')] = "",
+    caption_suffix: Annotated[str, typer.Option(help="Text put after every caption.")] = "",
     beams: BeamsOpt = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam decoding.")] = False,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
@@ -270,7 +278,8 @@ def caption(
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
-                                  decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights),
+                                  decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
+                                  embed, sidecar_dir, caption_prefix, caption_suffix, join),
                        reporter)
 
 

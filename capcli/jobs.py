@@ -4,7 +4,9 @@ Nothing here prints: messages go to the reporter, captions to the output stream 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -197,8 +199,8 @@ class CaptionJob:
     format: str = "text"  # text, jsonl or csv
     output: Path | None = None  # file to write (default: the stream given to caption_job)
     resume: bool = False  # with output: skip images already in it, and append
-    sidecar: str | None = None  # write each caption beside its image with this suffix (".txt")
-    existing: str = "skip"  # sidecars that exist: skip the image, or overwrite
+    sidecar: str | None = None  # write each caption beside its image with this suffix (".txt"; ".xmp": XMP)
+    existing: str = "skip"  # captions already there: skip the image, overwrite, or append/prepend (text sidecars)
     decoding: dict = field(default_factory=dict)  # GenerationSettings fields; None: the model's default
     prompt: str | None = None  # replaces the model's prompt
     labels: bool = False  # also output the nouns the encoder's classifier sees
@@ -207,6 +209,11 @@ class CaptionJob:
     workers: int | None = None
     device: str = "auto"
     encoder_weights: Path | None = None
+    embed: bool = False  # also write the caption into each image file's metadata (XMP, EXIF), with exiftool
+    sidecar_dir: Path | None = None  # write sidecars under this folder, mirroring the inputs' folders
+    caption_prefix: str = ""  # text put before every caption (a trigger word: "photo of sks, ")
+    caption_suffix: str = ""  # text put after every caption
+    join: str = ", "  # with existing append/prepend: between the old text and the new caption
 
 
 def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO | None = None,
@@ -218,21 +225,28 @@ def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO |
 
     _check_caption_job(job)
     part = job_shard(job.shard)
-    if part.world > 1 and job.output is None and not job.sidecar:
-        raise CapcliError("with several launched processes, give -o FILE (each writes a part, merged at the end) "
-                          "or --sidecar")
-    images, total = _images_to_caption(job, part, stdin)
+    if part.world > 1 and job.output is None and not (job.sidecar or job.embed):
+        raise CapcliError("with several launched processes, give -o FILE (each writes a part, merged at the end), "
+                          "--sidecar or --embed")
+    if part.world > 1 and job.format == "html":
+        raise CapcliError("an HTML page cannot be merged from launched processes' parts; run one process, or "
+                          "write jsonl and make the page from one process")
+    keys, total = _images_to_caption(job, part, stdin)
     output = part_path(job.output, part.rank, part.world) if part.world > 1 and job.output else job.output
     result = JobResult()
-    result.skipped, images = _skip_done(job, images, output)
-    if not part.everything:
-        report.line(f"{part.describe()}: {len(images) + result.skipped} of {total} images")
-    if result.skipped:
-        report.line(f"skipping {result.skipped} images already captioned")
-    if images:
+    with _locked_targets(job, list(keys), keys, output):  # before --resume reads (and may tidy) the output
+        result.skipped, images = _skip_done(job, list(keys), keys, output)
+        if not part.everything:
+            report.line(f"{part.describe()}: {len(images) + result.skipped} of {total} images")
+        if result.skipped:
+            report.line(f"skipping {result.skipped} images already captioned")
         # Only part 0 of a sharded job writes the CSV header, so its parts concatenate into one CSV.
         header = part.index == 0 and part.rank == 0 and not (job.resume and not (_empty(output) and _empty(job.output)))
-        result.done, result.failed = _write_captions(job, images, output, header, report, stdout or sys.stdout)
+        if images:
+            result.done, result.failed = _write_captions(job, images, keys, output, header, report,
+                                                         stdout or sys.stdout)
+        elif output is not None and not output.exists() and job.format != "html":
+            _empty_output(job, output, header)  # a shard with no images still leaves its part, for `cat`
     if part.world > 1 and job.output is not None:
         _merge_launched_parts(job.output, part, job.resume, report)
     return result
@@ -241,22 +255,46 @@ def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO |
 def _check_caption_job(job: CaptionJob) -> None:
     if job.resume and job.output is None:
         raise CapcliError("--resume needs -o FILE (the file to continue)")
+    if job.resume and job.format == "html":
+        raise CapcliError("--resume cannot continue an HTML page; write a new one (or resume a jsonl file)")
     if job.sidecar is not None and not job.sidecar.startswith("."):
         raise CapcliError("--sidecar takes a suffix starting with a dot, e.g. --sidecar .txt")
+    if job.sidecar_dir is not None and job.sidecar is None:
+        raise CapcliError("--sidecar-dir needs --sidecar SUFFIX (the sidecars to write there)")
+    if job.existing in ("append", "prepend") and (not _text_sidecar(job) or job.embed):
+        raise CapcliError(f"--existing {job.existing} applies to text sidecars (e.g. --sidecar .txt), "
+                          f"not to .xmp sidecars or --embed")
+    if job.embed:
+        from capcli.metadata import require_exiftool
+
+        require_exiftool()
 
 
-def _images_to_caption(job: CaptionJob, part: Shard, stdin) -> tuple[list[Path], int]:
-    """This process's images (each once) and how many were found in all."""
+def _text_sidecar(job: CaptionJob) -> bool:
+    return job.sidecar is not None and job.sidecar.lower() != ".xmp"
+
+
+def _images_to_caption(job: CaptionJob, part: Shard, stdin) -> tuple[dict[Path, str], int]:
+    """This process's images (each once, in order) with their path relative to the folder given (for
+    --shard and --sidecar-dir), and how many were found in all."""
     from capcli.images import find_images
 
-    found = dict(find_images(job.paths, job.recursive, stdin))  # path -> shard key
+    found = dict(find_images(job.paths, job.recursive, stdin))  # path -> key
     if not found:
         raise CapcliError("no images found in the given paths" + ("" if job.recursive else " (use -r to walk subfolders)"))
-    return [path for path, key in found.items() if key in part], len(found)
+    return {path: key for path, key in found.items() if key in part}, len(found)
 
 
-def _skip_done(job: CaptionJob, images: list[Path], output: Path | None) -> tuple[int, list[Path]]:
-    """Leave out images already in the output (--resume) or with a sidecar (--existing skip)."""
+def _sidecar(job: CaptionJob, image: Path, keys: dict[Path, str]) -> Path:
+    from capcli.output import sidecar_path
+
+    return sidecar_path(image, keys[image], job.sidecar, job.sidecar_dir)
+
+
+def _skip_done(job: CaptionJob, images: list[Path], keys: dict[Path, str],
+               output: Path | None) -> tuple[int, list[Path]]:
+    """Leave out images already in the output (--resume), and with --existing skip, those with a sidecar
+    or (with --embed) a description in the file already."""
     from capcli.output import done_images
 
     before = len(images)
@@ -264,18 +302,42 @@ def _skip_done(job: CaptionJob, images: list[Path], output: Path | None) -> tupl
         done = done_images(output, job.format) | (done_images(job.output, job.format) if job.output != output else set())
         images = [p for p in images if str(p) not in done]
     if job.sidecar and job.existing == "skip":
-        images = [p for p in images if not p.with_suffix(job.sidecar).exists()]
+        images = [p for p in images if not _sidecar(job, p, keys).exists()]
+    if job.embed and job.existing == "skip":
+        from capcli.metadata import has_description
+
+        images = [p for p in images if not has_description(p)]
     return before - len(images), images
+
+
+@contextlib.contextmanager
+def _locked_targets(job: CaptionJob, images: list[Path], keys: dict[Path, str], output: Path | None):
+    """One writer at a time for the output file, for sidecars that are appended to, and for embedding;
+    overwriting sidecars is safe with several jobs (each file is replaced whole), so it is not locked."""
+    from capcli.locks import exclusive
+
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(exclusive(output, "output"))
+        if images and job.existing in ("append", "prepend"):
+            stack.enter_context(exclusive(_common_folder(_sidecar(job, p, keys) for p in images), "sidecars"))
+        if images and job.embed:
+            stack.enter_context(exclusive(_common_folder(images), "images"))
+        yield
+
+
+def _common_folder(files) -> Path:
+    """The deepest folder holding all the files: two jobs on the same folder lock the same path."""
+    return Path(os.path.commonpath([os.path.abspath(f.parent) for f in files]))
 
 
 def _empty(path: Path | None) -> bool:
     return path is None or not path.exists() or path.stat().st_size == 0
 
 
-def _write_captions(job: CaptionJob, images: list[Path], output: Path | None, header: bool, report: Reporter,
-                    stdout: TextIO) -> tuple[int, int]:
-    """Caption `images` into output (or stdout) and sidecars; returns (captioned, failed)."""
-    from capcli.output import CaptionWriter, write_sidecar
+def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], output: Path | None, header: bool,
+                    report: Reporter, stdout: TextIO) -> tuple[int, int]:
+    """Caption `images` into output (or stdout), sidecars and the files themselves; returns (captioned, failed)."""
     from capcli.pipeline import Captioner
 
     captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
@@ -285,34 +347,86 @@ def _write_captions(job: CaptionJob, images: list[Path], output: Path | None, he
         captioner.model.set_prompt(job.prompt)
     settings = captioner.settings(**job.decoding)
     done = 0
-    with _output_stream(output, job.resume, stdout) as stream:
-        writer = None if (job.sidecar and output is None) else CaptionWriter(stream, job.format, header, job.labels)
-        for path, result in captioned(captioner, images, settings, job, report, job.labels):
-            try:
-                if job.sidecar:
-                    write_sidecar(path, job.sidecar, result.captions)
-                if writer:
-                    writer.write(path, result.captions, result.labels)
-            except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
-                where = path.with_suffix(job.sidecar) if job.sidecar else (output or "stdout")
-                raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
-                                  f"before it are complete and kept") from None
-            done += 1
+    with _output_stream(output, job.resume, stdout, whole=job.format == "html") as stream:
+        writer = None if ((job.sidecar or job.embed) and output is None) else _writer(job, stream, header)
+        on_failure = writer.fail if writer else None
+        try:
+            for path, result in captioned(captioner, images, settings, job, report, job.labels, on_failure):
+                captions = [job.caption_prefix + caption + job.caption_suffix for caption in result.captions]
+                try:
+                    _write_one(job, path, keys, captions, result.labels, writer)
+                except InputError as exc:  # this file could not take its caption: report it, go on
+                    report.warn(str(exc))
+                    if on_failure:
+                        on_failure(str(exc))
+                    continue
+                done += 1
+        except KeyboardInterrupt:
+            if writer and job.format == "html":
+                writer.close()  # a whole page of what was captioned before the stop
+            raise
+        if writer:
+            writer.close()
     report.end_progress()
     report.line(f"captioned {done} images; {len(images) - done} failed")
     return done, len(images) - done
 
 
+def _empty_output(job: CaptionJob, output: Path, header: bool) -> None:
+    from capcli.output import CaptionWriter
+
+    with _output_stream(output, False, sys.stdout) as stream:
+        CaptionWriter(stream, job.format, header, job.labels)
+
+
+def _writer(job: CaptionJob, stream: TextIO, header: bool):
+    from capcli.contactsheet import ContactSheet
+    from capcli.output import CaptionWriter
+
+    if job.format == "html":
+        return ContactSheet(stream)
+    return CaptionWriter(stream, job.format, header, job.labels)
+
+
+def _write_one(job: CaptionJob, path: Path, keys: dict[Path, str], captions: list[str], labels, writer) -> None:
+    """Every output of one image: the file's own metadata first (it may refuse), then sidecar and record."""
+    from capcli.metadata import embed, write_xmp_sidecar
+    from capcli.output import write_text_sidecar
+
+    subjects = [noun for noun, _ in labels] if job.labels and labels else []
+    where = None
+    try:
+        if job.embed:
+            where = path
+            embed(path, captions[0], subjects)
+        if job.sidecar:
+            where = _sidecar(job, path, keys)
+            if _text_sidecar(job):
+                write_text_sidecar(where, captions, job.existing, job.join)
+            else:
+                write_xmp_sidecar(where, captions[0], subjects)
+        if writer:
+            where = job.output or "stdout"
+            writer.write(path, captions, labels)
+    except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
+        raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
+                          f"before it are complete and kept") from None
+
+
 class _output_stream:
     """The output file (appended to with --resume) or the given stream; closed quietly at the end, since
-    every record was flushed as it was written."""
+    every record was flushed as it was written. `whole`: the output is one document (an HTML page),
+    gathered in memory and written to the file at once, so the file is never half-written."""
 
-    def __init__(self, output: Path | None, resume: bool, stdout: TextIO):
-        self.output, self.resume, self.stdout, self.file = output, resume, stdout, None
+    def __init__(self, output: Path | None, resume: bool, stdout: TextIO, whole: bool = False):
+        self.output, self.resume, self.stdout, self.whole, self.file = output, resume, stdout, whole, None
 
     def __enter__(self) -> TextIO:
         if self.output is None:
             return self.stdout
+        if self.whole:
+            self.file = io.StringIO()
+            return self.file
         try:
             self.file = open(self.output, "a" if self.resume else "w", encoding="utf-8", newline="")
         except OSError as exc:
@@ -320,20 +434,32 @@ class _output_stream:
         return self.file
 
     def __exit__(self, *exc_info) -> None:
-        if self.file is not None:
+        if isinstance(self.file, io.StringIO):
+            if self.file.getvalue():
+                from capcli.files import atomic_write_text
+
+                try:
+                    atomic_write_text(self.output, self.file.getvalue())
+                except OSError as exc:
+                    raise CapcliError(f"{self.output}: cannot write ({exc.strerror})") from None
+        elif self.file is not None:
             try:
                 self.file.close()
             except OSError:
                 pass
 
 
-def captioned(captioner, images: list[Path], settings, job, report: Reporter, with_labels: bool) -> Iterator:
-    """(path, Captioned) for each image that could be captioned, with progress; failures go to report.warn."""
+def captioned(captioner, images: list[Path], settings, job, report: Reporter, with_labels: bool,
+              on_failure=None) -> Iterator:
+    """(path, Captioned) for each image that could be captioned, with progress; failures go to report.warn
+    (and to on_failure, if given)."""
     advance = report.progress(len(images), "caption")
     for path, result in captioner.caption_paths(images, settings, job.batch_size, job.workers, with_labels):
         advance(1)
         if isinstance(result, InputError):
             report.warn(str(result))
+            if on_failure:
+                on_failure(str(result))
         else:
             yield path, result
 

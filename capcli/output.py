@@ -1,4 +1,4 @@
-"""Writing captions: text (`path<TAB>caption`), JSON lines or CSV to stdout or a file, and sidecar files.
+"""Writing captions: text (`path<TAB>caption`), JSON lines or CSV to stdout or a file, and text sidecars.
 
 Each record is written with one write() and flushed, so an interrupted run leaves only whole records,
 and `--resume` can read back which images are done.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from capcli.errors import CapcliError
@@ -50,6 +50,12 @@ class CaptionWriter:
         else:
             self._write((str(image), captions, *shown))
 
+    def fail(self, message: str) -> None:
+        """Failures are not records here (they go to stderr)."""
+
+    def close(self) -> None:
+        """Nothing to do: each record was flushed as it was written."""
+
 
 def format_labels(labels: list[tuple[str, float]]) -> str:
     """"cat 0.88; laptop 0.41": the CSV and text form of an image's labels."""
@@ -81,8 +87,23 @@ def done_images(path: Path, fmt: str) -> set[str]:
     return {line.split("\t", 1)[0] for line in text.splitlines() if "\t" in line}
 
 
-def write_sidecar(image: Path, suffix: str, captions: list[str]) -> None:
-    atomic_write_text(image.with_suffix(suffix), "\n".join(captions) + "\n")
+def sidecar_path(image: Path, key: str, suffix: str, folder: Path | None = None) -> Path:
+    """Where an image's sidecar goes: beside it, or under `folder` mirroring the input's structure (`key`
+    is the image's path relative to the folder given on the command line, or the path as given)."""
+    if folder is None:
+        return image.with_suffix(suffix)
+    parts = [part for part in PurePosixPath(key).parts if part not in ("/", ".", "..") and not part.endswith(":")]
+    return folder.joinpath(*parts).with_suffix(suffix)
+
+
+def write_text_sidecar(path: Path, captions: list[str], existing: str = "overwrite", join: str = ", ") -> None:
+    """One caption a line; with existing "append" or "prepend", joined to the text already there by `join`."""
+    text = "\n".join(captions)
+    if existing in ("append", "prepend") and path.exists():
+        old = path.read_text(encoding="utf-8").rstrip("\r\n")
+        if old:
+            text = old + join + text if existing == "append" else text + join + old
+    atomic_write_text(path, text + "\n")
 
 
 def part_path(output: Path, rank: int, world: int) -> Path:

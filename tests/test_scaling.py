@@ -129,6 +129,17 @@ def test_launched_caption_processes_merge_into_one_output(launcher, tiny_model, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "photos"]  # no parts left over
 
 
+def test_a_shard_with_no_images_still_writes_its_part(tiny_model, tmp_path):
+    from capcli.jobs import CaptionJob, caption_job
+
+    image, = make_images(tmp_path / "photos", 1)
+    for i in range(2):  # one image, two shards: one of them is empty
+        caption_job(CaptionJob([str(image)], model=tiny_model, shard=f"{i}/2", format="csv",
+                               output=tmp_path / f"part-{i}.csv"))
+    parts = [(tmp_path / f"part-{i}.csv").read_text() for i in range(2)]
+    assert "".join(parts).splitlines()[0] == "image,caption" and "".join(parts).count(str(image)) == 1
+
+
 def test_extract_shards_fill_one_cache(shapes_data, tmp_path):
     def extract(cache: Path, *extra: str) -> int:
         result = run(ONE_PROCESS, ["extract", "--data", str(shapes_data), "--out", str(cache), "--encoder",
