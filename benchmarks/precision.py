@@ -1,0 +1,123 @@
+"""Does a lower-precision frozen LM pay on this CPU? Each setting against fp32 on the same images, one run.
+
+    python benchmarks/precision.py                 # 32 Flickr8k dev images (or examples/ variants), greedy
+    python benchmarks/precision.py --images 16 --beams 3
+
+For each setting: seconds to caption the images (encoder + decoding, after one warm-up batch), the speed-up
+over fp32, and how many captions are identical to fp32's. Writes benchmarks/results/precision-<machine>.md.
+Settings: torch.ao dynamic int8 of every Linear but the LM head (and of the MLPs only, the attention only),
+and torchao's int8 weight-only and dynamic int8 configs. (bf16 is left out: on a CPU without AVX-512 BF16
+it is slower than fp32.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from capcli.images import open_image
+from capcli.pipeline import Captioner
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV = ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+def cpu_features() -> str:
+    """The vector extensions int8 and bf16 kernels depend on, as /proc/cpuinfo lists them."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
+def images_for(count: int) -> list[Path]:
+    split = DEV / "dev.txt"
+    if split.is_file():
+        names = split.read_text().split()[:count]
+        return [DEV / "images" / n for n in names]
+    return sorted((ROOT / "examples").glob("*.*"))[:count]
+
+
+def torch_ao_dynamic(model, keep):
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    spec = {n: default_dynamic_qconfig for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and keep(n)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def torchao(config_name):
+    def convert(model):
+        import torchao.quantization as q
+
+        q.quantize_(model, getattr(q, config_name)())
+        return model
+    return convert
+
+
+SETTINGS = {
+    "torch.ao dynamic int8, all Linear but lm_head": lambda m: torch_ao_dynamic(m, lambda n: n != "lm_head"),
+    "torch.ao dynamic int8, MLP only": lambda m: torch_ao_dynamic(m, lambda n: ".mlp." in n),
+    "torch.ao dynamic int8, attention only": lambda m: torch_ao_dynamic(m, lambda n: ".self_attn." in n),
+    "torchao Int8WeightOnlyConfig": torchao("Int8WeightOnlyConfig"),
+    "torchao Int8DynamicActivationInt8WeightConfig": torchao("Int8DynamicActivationInt8WeightConfig"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--only", default="", help="comma-separated substrings of the settings to run")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    captioner = Captioner.load(None, device="cpu")
+    paths = images_for(args.images)
+    images = torch.stack([captioner.encoder.preprocess(open_image(p)) for p in paths])
+    settings = captioner.settings(beams=args.beams, max_new_tokens=args.max_new_tokens)
+    fp32 = captioner.model.lm.model
+
+    def timed(model):
+        captioner.model.lm.model = model
+        captioner.caption_tensors(images[:2], settings, False)  # warm-up
+        start = time.perf_counter()
+        captions = [c.captions[0] for c in captioner.caption_tensors(images, settings, False)]
+        return captions, time.perf_counter() - start
+
+    reference, base_seconds = timed(fp32)
+    rows = [("fp32 (today)", base_seconds, len(reference), reference[0])]
+    print(f"fp32: {base_seconds:.2f} s", flush=True)
+    for name, convert in SETTINGS.items():
+        if args.only and not any(part in name for part in args.only.split(",")):
+            continue
+        captions, seconds = timed(convert(copy.deepcopy(fp32)))
+        same = sum(a == b for a, b in zip(reference, captions))
+        rows.append((name, seconds, same, captions[0]))
+        print(f"{name}: {seconds:.2f} s, {same}/{len(reference)} identical", flush=True)
+
+    lines = [f"# LM precision on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+             "", f"CPU: {cpu_features()}.", "", f"`python benchmarks/precision.py --images {args.images} --beams {args.beams} "
+             f"--max-new-tokens {args.max_new_tokens}`: {len(paths)} images, torch {torch.__version__}.", "",
+             "| LM setting | seconds | speed-up | captions identical to fp32 | first caption |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {s:.2f} | {base_seconds / s:.2f}x | {same}/{len(reference)} | {first} |"
+              for name, s, same, first in rows]
+    out = ROOT / "benchmarks" / "results" / "precision-cpu.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
