@@ -46,6 +46,11 @@ class Format(str, Enum):
     html = "html"
 
 
+class MemoryMode(str, Enum):
+    replace = "replace"
+    add = "add"
+
+
 class Existing(str, Enum):
     skip = "skip"
     overwrite = "overwrite"
@@ -68,6 +73,12 @@ ShardOpt = Annotated[Optional[str], typer.Option(
     help="Take part I of N (0 <= I < N) of the inputs, by a stable hash of each path relative to the root "
          "given: e.g. --shard $SLURM_ARRAY_TASK_ID/100.")]
 DataOpt = Annotated[Path, typer.Option(help="Data set: a folder or a captions file (see README).")]
+FeaturesOpt = Annotated[Optional[Path], typer.Option(help="Feature cache (default: CAPCLI_CACHE/features).")]
+MemoryOpt = Annotated[Optional[list[Path]], typer.Option("--memory", help="A memory dir (capcli memory build): its "
+                      "captions of similar images pick among candidate captions. Repeatable.")]
+MemoryModeOpt = Annotated[MemoryMode, typer.Option(help="The --memory dirs replace the model's own memory, or are added to it.")]
+NeighboursOpt = Annotated[Optional[int], typer.Option(min=1, help="With a memory: similar images whose captions vote [default: 5].")]
+CandidatesOpt = Annotated[Optional[int], typer.Option(min=1, help="With a memory: captions decoded before the vote [default: 5].")]
 
 
 class StderrReporter(Reporter):
@@ -193,7 +204,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Model dir to write (config.json, mapper.safetensors, checkpoint).")],
     split: Annotated[Optional[Path], typer.Option(help="Training images, one name a line.")] = None,
     val_split: Annotated[Optional[Path], typer.Option(help="Validation images, one name a line.")] = None,
-    features: Annotated[Optional[Path], typer.Option(help="Feature cache (default: CAPCLI_CACHE/features).")] = None,
+    features: FeaturesOpt = None,
     encoder: Annotated[Optional[str], typer.Option(help=f"Image encoder: efficientnet-lite0/1/2 or a torchvision model name [default: {DEFAULT_ENCODER}].")] = None,
     encoder_weights: EncoderWeightsOpt = None,
     lm: Annotated[Optional[str], typer.Option(help=f"Frozen LM: smollm2-135m, a hub name, a local folder or a .gguf file [default: {DEFAULT_LM}].")] = None,
@@ -261,6 +272,11 @@ def caption(
     label_bonus: LabelBonusOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
     labels: Annotated[bool, typer.Option("--labels", help="Also output the nouns the encoder's classifier sees, with their scores.")] = False,
+    memory: MemoryOpt = None,
+    memory_mode: MemoryModeOpt = MemoryMode.replace,
+    neighbours: NeighboursOpt = None,
+    candidates: CandidatesOpt = None,
+    explain: Annotated[bool, typer.Option("--explain", help="With a memory and -f jsonl: list the neighbours that voted.")] = False,
     shard: ShardOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
@@ -276,10 +292,12 @@ def caption(
 
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus)
+                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, neighbours=neighbours,
+                    candidates=candidates)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
-                                  embed, sidecar_dir, caption_prefix, caption_suffix, join),
+                                  embed, sidecar_dir, caption_prefix, caption_suffix, join, memory or [],
+                                  memory_mode.value, explain),
                        reporter)
 
 
@@ -294,6 +312,10 @@ def evaluate(
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
     label_bonus: LabelBonusOpt = None,
+    memory: MemoryOpt = None,
+    memory_mode: MemoryModeOpt = MemoryMode.replace,
+    neighbours: NeighboursOpt = None,
+    candidates: CandidatesOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write predictions (JSON lines) here.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write an HTML report here: worst captions first.")] = None,
     batch_size: BatchOpt = None,
@@ -307,11 +329,37 @@ def evaluate(
     from capcli.jobs import eval_job
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus)
+                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, neighbours=neighbours,
+                    candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
-                                       device.value, encoder_weights), reporter)
+                                       device.value, encoder_weights, memory or [], memory_mode.value), reporter)
     typer.echo(json.dumps(summary, indent=2))
     return result
+
+
+memory_app = typer.Typer(help="Retrieval memories: similar images' captions that steer captioning, no training.",
+                         no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+
+
+@memory_app.command("build")
+@command
+def memory_build(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="The memory dir to write.")],
+    split: Annotated[Optional[Path], typer.Option(help="File naming the images to use, one a line.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="The model whose encoder the memory is for (default: the shipped one).")] = None,
+    features: FeaturesOpt = None,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = Device.auto,
+    *, reporter: Reporter,
+):
+    """Remember a data set's images and captions: the model's encoder features (float16) and the captions.
+    Only images missing from the feature cache are encoded."""
+    from capcli.jobs import MemoryJob, memory_job
+
+    return memory_job(MemoryJob(data, out, split, model, features, batch_size, workers, device.value), reporter)
 
 
 def main() -> None:

@@ -147,6 +147,8 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     seed: int | None = None
     label_bonus: float = 0.0  # grounded models: added to the logit of each label's first token
+    neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
+    candidates: int = 5  # with a memory: captions decoded (beam search's N best) before the vote
 
     def validate(self) -> "GenerationSettings":
         from capcli.errors import CapcliError
@@ -159,6 +161,8 @@ class GenerationSettings:
             raise CapcliError("--num-captions N needs --sample or --beams >= N")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise CapcliError("--temperature must be > 0 and --top-p in (0, 1]")
+        if self.neighbours < 1 or self.candidates < 1:
+            raise CapcliError("--neighbours and --candidates must be at least 1")
         return self
 
     def updated(self, **changes) -> "GenerationSettings":

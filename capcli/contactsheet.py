@@ -71,7 +71,8 @@ class ContactSheet:
         self.cards: list[str] = []
         self.failures: list[str] = []
 
-    def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None) -> None:
+    def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None,
+              neighbours: list | None = None) -> None:
         from capcli.output import format_labels
 
         uri = thumbnail_uri(image)

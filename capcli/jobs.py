@@ -76,6 +76,55 @@ def extract_job(job: ExtractJob, report: Reporter = Reporter()) -> JobResult:
 
 
 @dataclass
+class MemoryJob:
+    """`capcli memory build`: a retrieval memory of a data set's images and captions, for one model's encoder."""
+
+    data: Path  # data set: a folder or a captions file
+    out: Path  # the memory dir to write
+    split: Path | None = None  # the images to use, one name a line
+    model: Path | None = None  # whose encoder (default: the shipped model)
+    features: Path | None = None  # feature cache (default: the capcli cache's features/)
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+
+
+def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
+    """Encode the images not yet in the feature cache, then write the memory (features, ids, captions)."""
+    from capcli import modeldir
+    from capcli.data import load_captions
+    from capcli.devices import resolve_device
+    from capcli.encoders import load_encoder
+    from capcli.features import FeatureCache, extract
+    from capcli.files import cache_dir
+    from capcli.memory import Memory
+
+    model_dir = modeldir.resolve_model_dir(job.model)
+    config, _ = modeldir.read_model_dir(model_dir)
+    captions = load_captions(job.data, job.split)
+    report.line(captions.report())
+    encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, None))
+    cache = FeatureCache(job.features or cache_dir() / "features")
+    digests, encoded, failures = extract(captions.images, encoder, cache, resolve_device(job.device), job.batch_size,
+                                         job.workers, progress=report.progress(len(captions.images), "encode"))
+    report.end_progress()
+    for error in failures:
+        report.warn(str(error))
+    images = [p for p in captions.images if p in digests]
+    if not images:
+        raise CapcliError(f"{job.data}: no image could be encoded; nothing to remember")
+    root = job.data if job.data.is_dir() else job.data.parent
+    ids = [Path(os.path.relpath(p, root)).as_posix() for p in images]
+    pooled = cache.load(encoder.encoder_id, [digests[p] for p in images], grid=False)
+    memory = Memory.from_features(encoder.encoder_id, ids, [captions.captions[p] for p in images], pooled)
+    memory.save(job.out, {"model": str(model_dir), "data": str(job.data),
+                          "split": str(job.split) if job.split else None})
+    report.line(f"memory: {len(memory)} images, {sum(map(len, memory.captions))} captions in {job.out} "
+                f"({encoded} images encoded, the rest from the feature cache; {len(failures)} failed)")
+    return JobResult(done=len(memory), failed=len(failures))
+
+
+@dataclass
 class TrainJob:
     """`capcli train`. Model options left None take their defaults, or a resumed run's own values."""
 
@@ -214,6 +263,9 @@ class CaptionJob:
     caption_prefix: str = ""  # text put before every caption (a trigger word: "photo of sks, ")
     caption_suffix: str = ""  # text put after every caption
     join: str = ", "  # with existing append/prepend: between the old text and the new caption
+    memories: list[Path] = field(default_factory=list)  # memory dirs whose captions pick among candidates
+    memory_mode: str = "replace"  # the memories replace the model's own, or are added to it
+    explain: bool = False  # JSONL records list the neighbours that voted
 
 
 def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO | None = None,
@@ -264,6 +316,8 @@ def _check_caption_job(job: CaptionJob) -> None:
     if job.existing in ("append", "prepend") and (not _text_sidecar(job) or job.embed):
         raise CapcliError(f"--existing {job.existing} applies to text sidecars (e.g. --sidecar .txt), "
                           f"not to .xmp sidecars or --embed")
+    if job.explain and job.format != "jsonl":
+        raise CapcliError("--explain adds the neighbours to JSON lines records: use it with --format jsonl")
     if job.embed:
         from capcli.metadata import require_exiftool
 
@@ -340,7 +394,9 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
     """Caption `images` into output (or stdout), sidecars and the files themselves; returns (captioned, failed)."""
     from capcli.pipeline import Captioner
 
-    captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
+    captioner = _load_captioner(job, report)
+    if job.explain and captioner.memory is None:
+        raise CapcliError("--explain shows the memory's neighbours, but this model has no memory: give --memory DIR")
     if job.labels:
         captioner.encoder.require_head()  # before the output is opened
     if job.prompt is not None:
@@ -354,7 +410,7 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
             for path, result in captioned(captioner, images, settings, job, report, job.labels, on_failure):
                 captions = [job.caption_prefix + caption + job.caption_suffix for caption in result.captions]
                 try:
-                    _write_one(job, path, keys, captions, result.labels, writer)
+                    _write_one(job, path, keys, captions, result.labels, result.neighbours, writer)
                 except InputError as exc:  # this file could not take its caption: report it, go on
                     report.warn(str(exc))
                     if on_failure:
@@ -372,6 +428,18 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
     return done, len(images) - done
 
 
+def _load_captioner(job, report: Reporter):
+    """The job's model on its device, with the memories it names (after the model's own, or instead)."""
+    from capcli.pipeline import Captioner
+
+    captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
+    if job.memories:
+        captioner.use_memories(job.memories, job.memory_mode)
+    if captioner.memory is not None:
+        report.line(f"memory: {len(captioner.memory)} images ({captioner.memory.source})")
+    return captioner
+
+
 def _empty_output(job: CaptionJob, output: Path, header: bool) -> None:
     from capcli.output import CaptionWriter
 
@@ -385,10 +453,11 @@ def _writer(job: CaptionJob, stream: TextIO, header: bool):
 
     if job.format == "html":
         return ContactSheet(stream)
-    return CaptionWriter(stream, job.format, header, job.labels)
+    return CaptionWriter(stream, job.format, header, job.labels, job.explain)
 
 
-def _write_one(job: CaptionJob, path: Path, keys: dict[Path, str], captions: list[str], labels, writer) -> None:
+def _write_one(job: CaptionJob, path: Path, keys: dict[Path, str], captions: list[str], labels, neighbours,
+               writer) -> None:
     """Every output of one image: the file's own metadata first (it may refuse), then sidecar and record."""
     from capcli.metadata import embed, write_xmp_sidecar
     from capcli.output import write_text_sidecar
@@ -407,7 +476,7 @@ def _write_one(job: CaptionJob, path: Path, keys: dict[Path, str], captions: lis
                 write_xmp_sidecar(where, captions[0], subjects)
         if writer:
             where = job.output or "stdout"
-            writer.write(path, captions, labels)
+            writer.write(path, captions, labels, neighbours)
     except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
         raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
                           f"before it are complete and kept") from None
@@ -496,6 +565,8 @@ class EvalJob:
     workers: int | None = None
     device: str = "auto"
     encoder_weights: Path | None = None
+    memories: list[Path] = field(default_factory=list)  # as CaptionJob.memories
+    memory_mode: str = "replace"
 
 
 def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResult]:
@@ -505,7 +576,7 @@ def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResu
 
     references = load_captions(job.data, job.split)
     report.line(references.report())
-    captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
+    captioner = _load_captioner(job, report)
     settings = captioner.settings(**job.decoding)
     with_labels = captioner.encoder.head is not None
     started = time.monotonic()
@@ -519,7 +590,9 @@ def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResu
     summary, rows = _score(predictions, refs, with_labels, report)
     summary = {"model": str(captioner.model_dir), "images": len(predictions),
                "failed": len(references.images) - len(predictions), **summary,
-               "decoding": dataclasses.asdict(settings), "seconds": round(seconds, 1)}
+               "decoding": dataclasses.asdict(settings),
+               "memory": captioner.memory.source if captioner.memory is not None else None,
+               "seconds": round(seconds, 1)}
     _write_eval_outputs(job, summary, rows)
     return summary, JobResult(done=len(predictions), failed=summary["failed"])
 

@@ -18,8 +18,8 @@ from capcli.files import atomic_write_text
 class CaptionWriter:
     """One record per image. With labels: a JSON "labels" list, a CSV "labels" column, a third text column."""
 
-    def __init__(self, stream: TextIO, fmt: str, write_header: bool, labels: bool = False):
-        self.stream, self.fmt, self.labels = stream, fmt, labels
+    def __init__(self, stream: TextIO, fmt: str, write_header: bool, labels: bool = False, explain: bool = False):
+        self.stream, self.fmt, self.labels, self.explain = stream, fmt, labels, explain
         if fmt == "csv" and write_header:
             self._write(["image", "caption"] + (["labels"] if labels else []))
 
@@ -35,7 +35,8 @@ class CaptionWriter:
         self.stream.write(text)
         self.stream.flush()
 
-    def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None) -> None:
+    def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None,
+              neighbours: list | None = None) -> None:
         shown = [format_labels(labels or [])] if self.labels else []
         if self.fmt == "jsonl":
             record = {"image": str(image), "caption": captions[0]}
@@ -43,6 +44,9 @@ class CaptionWriter:
                 record["captions"] = captions
             if self.labels:
                 record["labels"] = [[noun, score] for noun, score in labels or []]
+            if self.explain:
+                record["neighbours"] = [{"image": n.image, "similarity": n.similarity, "captions": n.captions}
+                                        for n in neighbours or []]
             self._write(record)
         elif self.fmt == "csv":
             for caption in captions:

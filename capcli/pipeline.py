@@ -25,6 +25,7 @@ from capcli.mapper import build_mapper
 from capcli import modeldir
 from capcli.modeldir import MAPPER_FILE, check_matches, load_mapper_weights, read_model_dir, resolve_model_dir
 
+MEMORY_DIR = "memory"  # a model dir's own retrieval memory, if it has one
 IGNORE_INDEX = -100  # label of positions that carry no loss: prefix, prompt, padding
 MIN_RETRY_TOKENS = 4  # an empty caption is decoded again with at least this many tokens
 
@@ -198,6 +199,7 @@ class Captioned:
 
     captions: list[str]
     labels: list[tuple[str, float]] | None = None
+    neighbours: list | None = None  # with a memory: the similar images whose captions voted (memory.Neighbour)
 
 
 class Captioner:
@@ -207,6 +209,10 @@ class Captioner:
         self.model, self.encoder, self.device, self.model_dir = model, encoder, device, model_dir
         self.defaults = GenerationSettings().updated(**model.config.generation)
         self.labeler = Labeler()
+        self.memory = None  # capcli.memory.Memory: similar images' captions pick among candidates
+        own = model_dir / MEMORY_DIR if model_dir is not None else None
+        if own is not None and own.is_dir():
+            self.use_memories([own])
 
     @classmethod
     def load(cls, model_dir: Path | str | None = None, device: str = "auto",
@@ -227,6 +233,17 @@ class Captioner:
         model.eval().to(torch_device)
         return cls(model, encoder.to(torch_device), torch_device, model_dir)
 
+    def use_memories(self, folders: list[Path], mode: str = "replace") -> None:
+        """Caption with these memory dirs: instead of the model's own memory (`replace`) or with it (`add`)."""
+        from capcli.memory import Memory
+
+        memories = [Memory.load(Path(f)) for f in folders]
+        for memory in memories:
+            memory.check_encoder(self.encoder.encoder_id, f"model {self.model_dir}")
+        if mode == "add" and self.memory is not None:
+            memories.insert(0, self.memory)
+        self.memory = Memory.combine(memories) if memories else None
+
     def settings(self, **options) -> GenerationSettings:
         """This model's default decoding settings, overridden by any option that is not None."""
         return self.defaults.updated(**options).validate()
@@ -245,8 +262,28 @@ class Captioner:
             labels = self.labeler(self.encoder.classify(pooled)) if with_labels or grounding else None
             named = [confident(row, grounding) for row in labels] if grounding else None
             features = grid if self.model.config.uses_grid else pooled
-            captions = self.model.generate(features.float(), settings, named)
-        return [Captioned(c, labels[i] if with_labels else None) for i, c in enumerate(captions)]
+            if self.memory is None:
+                captions, neighbours = self.model.generate(features.float(), settings, named), None
+            else:
+                captions, neighbours = self._vote(features.float(), pooled, settings, named)
+        return [Captioned(c, labels[i] if with_labels else None, neighbours[i] if neighbours else None)
+                for i, c in enumerate(captions)]
+
+    def _vote(self, features: torch.Tensor, pooled: torch.Tensor, settings: GenerationSettings,
+              named: list[list[str]] | None) -> tuple[list[list[str]], list]:
+        """Decode `candidates` captions per image (beam search's N best, or N samples) and order them by how
+        much the nearest images' captions agree with each (CIDEr-D); keep the best `num_captions`."""
+        wide = max(settings.candidates, settings.num_captions)
+        decoding = dataclasses.replace(settings, num_captions=wide,
+                                       beams=settings.beams if settings.sample else max(settings.beams, wide))
+        neighbours = self.memory.nearest(pooled, settings.neighbours)
+        ordered = []
+        for candidates, near in zip(self.model.generate(features, decoding, named), neighbours):
+            unique = list(dict.fromkeys(candidates))
+            votes = self.memory.consensus(unique, near)
+            ranked = [c for _, c in sorted(zip(votes, unique), key=lambda pair: -pair[0])]
+            ordered.append((ranked * settings.num_captions)[: settings.num_captions])
+        return ordered, neighbours
 
     def caption(self, images: Iterable, batch_size: int = 16, **options) -> list:
         """Caption PIL images or paths. Returns one caption per image, or a list of K with num_captions=K.
