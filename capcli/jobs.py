@@ -392,8 +392,6 @@ def _empty(path: Path | None) -> bool:
 def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], output: Path | None, header: bool,
                     report: Reporter, stdout: TextIO) -> tuple[int, int]:
     """Caption `images` into output (or stdout), sidecars and the files themselves; returns (captioned, failed)."""
-    from capcli.pipeline import Captioner
-
     captioner = _load_captioner(job, report)
     if job.explain and captioner.memory is None:
         raise CapcliError("--explain shows the memory's neighbours, but this model has no memory: give --memory DIR")
@@ -572,7 +570,6 @@ class EvalJob:
 def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResult]:
     """The summary (text metrics, object metrics, decoding, time) and how many images failed."""
     from capcli.data import load_captions
-    from capcli.pipeline import Captioner
 
     references = load_captions(job.data, job.split)
     report.line(references.report())

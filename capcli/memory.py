@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from capcli.errors import ModelError
+from capcli.evaluate import python_tokenize
 from capcli.files import atomic_write_bytes, atomic_write_text
 
 FEATURES_FILE = "features.safetensors"
@@ -135,14 +136,8 @@ class Memory:
         return self._document_frequency
 
 
-def _tokens(text: str) -> list[str]:
-    from capcli.evaluate import python_tokenize
-
-    return python_tokenize(text).split()
-
-
 def _ngrams(text: str) -> Counter:
-    words = _tokens(text)
+    words = python_tokenize(text).split()
     return Counter(tuple(words[i:i + n]) for n in range(1, CIDER_N + 1) for i in range(len(words) - n + 1))
 
 
