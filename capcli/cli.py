@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -366,7 +368,22 @@ def main() -> None:
     from capcli.allocator import keep_freed_memory
 
     keep_freed_memory()
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if done.code == EXIT_INTERRUPTED:
+            _exit_without_finalizing(EXIT_INTERRUPTED)
+        raise
+
+
+def _exit_without_finalizing(status: int) -> None:
+    """Leave at once, once the interrupted job has kept its work and closed its files. An interruption can
+    stop torch mid-operation with its worker threads still holding Python objects; tearing the interpreter
+    down under them sometimes aborts the process (SIGABRT, "PyThreadState_Get ... finalizing") instead of
+    exiting 130, so the interpreter is not torn down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
