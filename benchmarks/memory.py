@@ -38,7 +38,7 @@ def main() -> None:
         captioner.memory = None
         if memory:
             captioner.use_memories([args.memory])
-            captioner.memory.document_frequency()  # computed once per memory, at the first vote
+            captioner.memory.cider()  # document frequencies: computed once per memory, at the first vote
         settings = captioner.settings(**options)
         captioner.caption_tensors(images[:2], settings)  # warm-up
         start = time.perf_counter()

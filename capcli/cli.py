@@ -35,6 +35,11 @@ Device = Enum("Device", {name: name for name in DEVICES}, type=str)
 MapperKind = Enum("MapperKind", {name: name for name in MAPPER_KINDS}, type=str)
 
 
+class Objective(str, Enum):
+    xent = "xent"
+    cider = "cider"
+
+
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -220,7 +225,9 @@ def train(
     label_swap: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of swapping a noun for another of its kind (dog -> cat) in labels and caption.")] = 0.2,
     init: Annotated[Optional[Path], typer.Option(help="Start from this model dir's mapper weights (same encoder, LM and sizes).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the captions [default: 5; with --resume: the run's own].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Captions per step [default: 32].")] = None,
+    objective: Annotated[Optional[Objective], typer.Option(help="xent: cross-entropy on the captions; cider: self-critical fine-tuning of the --init model, rewarding sampled captions' CIDEr-D [default: xent].")] = None,
+    samples: Annotated[Optional[int], typer.Option(min=2, help="--objective cider: captions sampled per image [default: 5].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Captions per step (images per step with --objective cider) [default: 32].")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay) [default: 5e-4].")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(min=1, help="[default: 100]")] = None,
     max_caption_tokens: Annotated[Optional[int], typer.Option(min=2, help="[default: 40]")] = None,
@@ -238,7 +245,8 @@ def train(
 
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                     max_caption_tokens=max_caption_tokens, max_steps=max_steps, checkpoint_every=checkpoint_every,
-                    seed=seed, precision=precision and precision.value, init=init and str(init))
+                    seed=seed, precision=precision and precision.value, init=init and str(init),
+                    objective=objective and objective.value, samples=samples)
     train_job(TrainJob(
         data, out, split, val_split, features, encoder, encoder_weights, lm, mapper and mapper.value, prefix_length,
         hidden_size, num_layers, prompt, GroundingConfig(drop=label_drop, swap=label_swap) if grounded else None,

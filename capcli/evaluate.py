@@ -60,6 +60,15 @@ def score(predictions: dict[str, str], references: dict[str, list[str]],
     return metrics, {k: float(s) for k, s in zip(keys, per_image)}, "ptb" if use_java else "python"
 
 
+def diversity(captions: list[str]) -> dict[str, float]:
+    """What collapses first when a captioner is tuned for a metric: the share of distinct captions, the number
+    of distinct words used, and the mean length in words (after the Python tokenizer)."""
+    tokenized = [python_tokenize(c) for c in captions]
+    return {"distinct_captions": len(set(tokenized)) / max(len(tokenized), 1),
+            "vocabulary": len({w for c in tokenized for w in c.split()}),
+            "mean_length": sum(len(c.split()) for c in tokenized) / max(len(tokenized), 1)}
+
+
 def objects_by_top_label(predictions: dict[str, str], references: dict[str, list[str]],
                          labels: dict[str, list[tuple[str, float]]]) -> dict:
     """Object metrics apart for images whose classifier's top label some reference names ("right") and for the
@@ -93,6 +102,8 @@ def write_report(path: Path, rows: list[dict], summary: dict) -> None:
     metrics = " &middot; ".join(f"{esc(k)} {v:.3f}" for k, v in summary["metrics"].items())
     objects = summary.get("objects", {})
     metrics += "".join(f" &middot; {esc(k)} {objects[k]:.3f}" for k in ("CHAIR_s", "CHAIR_i", "recall") if k in objects)
+    spread = summary.get("diversity", {})
+    metrics += "".join(f" &middot; {esc(k.replace('_', ' '))} {spread[k]:.3g}" for k in spread)
     body = []
     for row in sorted(rows, key=lambda r: r["cider"]):
         refs = "".join(f"<li>{esc(r)}</li>" for r in row["references"])

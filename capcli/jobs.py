@@ -197,9 +197,13 @@ def _train_model(job: TrainJob, report: Reporter):
         if checkpoint_path.exists():
             raise CapcliError(f"{job.out} already holds a training run: pass --resume to continue it, or choose "
                               f"a new --out")
+        settings = TrainSettings(**job.settings)
+        if settings.objective == "cider":
+            config, encoder, lm = _tuned_config(job, settings, report)
+            return config, settings, None, encoder, lm
         encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
         lm = load_lm(job.lm or DEFAULT_LM, log=report.line)
-        return _new_config(job, encoder, lm), TrainSettings(**job.settings), None, encoder, lm
+        return _new_config(job, encoder, lm), settings, None, encoder, lm
     if not checkpoint_path.is_file():
         raise CapcliError(f"{job.out}: nothing to resume (no {modeldir.CHECKPOINT_FILE}); run without --resume")
     config = ModelConfig.load(job.out / modeldir.CONFIG_FILE)
@@ -212,6 +216,27 @@ def _train_model(job: TrainJob, report: Reporter):
     lm = load_lm(config.lm, log=report.line)
     modeldir.check_matches(config, encoder, lm, job.out)
     return config, settings, checkpoint, encoder, lm
+
+
+MODEL_OPTIONS = ("encoder", "lm", "mapper", "prefix_length", "hidden_size", "num_layers", "prompt", "grounding")
+
+
+def _tuned_config(job: TrainJob, settings, report: Reporter):
+    """A self-critical run fine-tunes the model of --init: its config (and decoding) with its encoder and LM."""
+    from capcli import modeldir
+    from capcli.encoders import load_encoder
+    from capcli.lm import load_lm
+
+    if not settings.init:
+        raise CapcliError("--objective cider fine-tunes a trained model: give it with --init MODEL_DIR")
+    given = [k for k in MODEL_OPTIONS if getattr(job, k) is not None]
+    if given:
+        raise CapcliError(f"--{given[0].replace('_', '-')}: --objective cider keeps the model of --init; drop it")
+    init = modeldir.resolve_model_dir(settings.init)
+    config = ModelConfig.load(init / modeldir.CONFIG_FILE)
+    encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, job.encoder_weights))
+    lm = load_lm(config.lm, log=report.line)
+    return config, encoder, lm
 
 
 def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
@@ -227,8 +252,7 @@ def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
 def _refuse_conflicts(job: TrainJob, config: ModelConfig, settings) -> None:
     """A resumed run keeps its own model and settings: an option given with --resume that says otherwise is
     refused (except --epochs and --max-steps, which lengthen or shorten the run)."""
-    given = {**{k: getattr(job, k) for k in ("encoder", "lm", "mapper", "prefix_length", "hidden_size", "num_layers",
-                                              "prompt", "grounding") if getattr(job, k) is not None},
+    given = {**{k: getattr(job, k) for k in MODEL_OPTIONS if getattr(job, k) is not None},
              **{k: v for k, v in job.settings.items() if k not in RESUME_CHANGES}}
     for name, value in given.items():
         own = getattr(config, name) if hasattr(config, name) else getattr(settings, name)
@@ -595,7 +619,7 @@ def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResu
 
 
 def _score(predictions: dict, refs: dict, with_labels: bool, report: Reporter) -> tuple[dict, list[dict]]:
-    from capcli.evaluate import objects_by_top_label, score
+    from capcli.evaluate import diversity, objects_by_top_label, score
     from capcli.objects import object_metrics
 
     captions = {k: v.captions[0] for k, v in predictions.items()}
@@ -603,6 +627,7 @@ def _score(predictions: dict, refs: dict, with_labels: bool, report: Reporter) -
     objects, per_image_objects = object_metrics(captions, refs)
     labels = {k: v.labels for k, v in predictions.items()}
     summary = {"tokenizer": tokenizer, "metrics": metrics, "objects": objects,
+               "diversity": diversity(list(captions.values())),
                **(objects_by_top_label(captions, refs, labels) if with_labels else {})}
     rows = [{"image": k, "caption": v, "references": refs[k], "cider": per_image[k], **per_image_objects[k],
              **({"labels": [list(x) for x in labels[k]]} if with_labels else {})} for k, v in captions.items()]

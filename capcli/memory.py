@@ -11,22 +11,18 @@ images; beyond that an approximate index (FAISS, hnswlib) would be needed.
 from __future__ import annotations
 
 import json
-import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from capcli.cider import CiderD
 from capcli.errors import ModelError
-from capcli.evaluate import python_tokenize
 from capcli.files import atomic_write_bytes, atomic_write_text
 
 FEATURES_FILE = "features.safetensors"
 INDEX_FILE = "memory.json"
 FORMAT_VERSION = 1
-CIDER_N = 4
-CIDER_SIGMA = 6.0
 
 
 @dataclass
@@ -43,7 +39,7 @@ class Memory:
     captions: list[list[str]]
     features: torch.Tensor  # (N, D), L2-normalised
     source: str = ""  # where it was loaded from, for messages
-    _document_frequency: Counter | None = field(default=None, repr=False)
+    _cider: CiderD | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -115,49 +111,11 @@ class Memory:
 
     def consensus(self, candidates: list[str], neighbours: list[Neighbour]) -> list[float]:
         """Each candidate's CIDEr-D against the neighbours' captions: how much they agree with it."""
-        references = [_ngrams(c) for n in neighbours for c in n.captions]
-        df, documents = self.document_frequency(), len(self)
-        refs = [(_vector(r, df, documents), _length(r)) for r in references]
-        out = []
-        for candidate in candidates:
-            counts = _ngrams(candidate)
-            vec, length = _vector(counts, df, documents), _length(counts)
-            sims = [_similarity(vec, length, rv, rl) for rv, rl in refs]
-            out.append(10.0 * sum(sims) / max(len(sims), 1))
-        return out
+        references = self.cider().prepare([c for n in neighbours for c in n.captions])
+        return [self.cider().score(candidate, references) for candidate in candidates]
 
-    def document_frequency(self) -> Counter:
-        """In how many images' caption sets each n-gram occurs (CIDEr-D's document frequency)."""
-        if self._document_frequency is None:
-            df: Counter = Counter()
-            for caps in self.captions:
-                df.update({g for c in caps for g in _ngrams(c)})
-            self._document_frequency = df
-        return self._document_frequency
-
-
-def _ngrams(text: str) -> Counter:
-    words = python_tokenize(text).split()
-    return Counter(tuple(words[i:i + n]) for n in range(1, CIDER_N + 1) for i in range(len(words) - n + 1))
-
-
-def _length(counts: Counter) -> int:
-    return sum(v for g, v in counts.items() if len(g) == 1)
-
-
-def _vector(counts: Counter, df: Counter, documents: int) -> list[dict]:
-    """Per n, tf-idf weights of the n-grams, and their norm."""
-    vec = [dict() for _ in range(CIDER_N)]
-    for gram, tf in counts.items():
-        vec[len(gram) - 1][gram] = tf * math.log(max(documents, 1) / max(df.get(gram, 0), 1))
-    return vec
-
-
-def _similarity(vec: list[dict], length: int, ref: list[dict], ref_length: int) -> float:
-    """CIDEr-D for one reference: clipped cosine per n, averaged over n, with the length penalty."""
-    total = 0.0
-    for a, b in zip(vec, ref):
-        norm_a, norm_b = math.sqrt(sum(v * v for v in a.values())), math.sqrt(sum(v * v for v in b.values()))
-        if norm_a and norm_b:
-            total += sum(min(v, b[g]) * b[g] for g, v in a.items() if g in b) / (norm_a * norm_b)
-    return total / CIDER_N * math.exp(-((length - ref_length) ** 2) / (2 * CIDER_SIGMA ** 2))
+    def cider(self) -> CiderD:
+        """CIDEr-D with document frequencies over the memory's caption sets (computed once)."""
+        if self._cider is None:
+            self._cider = CiderD(self.captions)
+        return self._cider

@@ -73,17 +73,18 @@ class CaptionModel(nn.Module):
         texts = [self.config.grounding.text(row) for row in (labels or [[]] * rows)]
         return [self.prompt_ids + ids for ids in self.lm.tokenizer(texts, add_special_tokens=False).input_ids]
 
-    def forward(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None,
-                context: list[list[int]] | None = None):
+    def forward(self, features: torch.Tensor, caption_ids: list[list[int]], divisor: float | None = None,
+                context: list[list[int]] | None = None, weights: torch.Tensor | None = None):
         """The training loss (what DistributedDataParallel calls): see loss()."""
-        return self.loss(features, caption_ids, per_tokens, context)
+        return self.loss(features, caption_ids, divisor, context, weights)
 
-    def loss(self, features: torch.Tensor, caption_ids: list[list[int]], per_tokens: int | None = None,
-             context: list[list[int]] | None = None) -> torch.Tensor:
-        """Cross-entropy summed over caption tokens only, divided by per_tokens (default: their number, a mean;
-        data-parallel training passes the global batch's count). Each row reads prefix, context ids (default:
-        the prompt), caption. Logits are computed just where a label exists, which skips the vocabulary
-        projection for the prefix, the context and the padding."""
+    def loss(self, features: torch.Tensor, caption_ids: list[list[int]], divisor: float | None = None,
+             context: list[list[int]] | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy summed over caption tokens only, divided by `divisor` (default: their number, a mean;
+        data-parallel training passes the global batch's count). With `weights` (B,), each row's tokens count
+        weight times: self-critical training's advantage-weighted log-likelihood. Each row reads prefix, context
+        ids (default: the prompt), caption. Logits are computed just where a label exists, which skips the
+        vocabulary projection for the prefix, the context and the padding."""
         device = features.device
         context = context if context is not None else [self.prompt_ids] * len(caption_ids)
         rows = [c + ids for c, ids in zip(context, caption_ids)]
@@ -105,8 +106,32 @@ class CaptionModel(nn.Module):
         predicting = hidden[:, start: start + longest]  # (B, T, E)
         keep = labels != IGNORE_INDEX
         logits = self.lm.model.get_output_embeddings()(predicting[keep])  # (M, V), M caption tokens
-        total = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
-        return total / (per_tokens or int(keep.sum()))
+        if weights is None:
+            total = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        else:
+            per_token = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="none")
+            row_of_token = torch.arange(len(rows), device=device)[:, None].expand_as(labels)[keep]
+            total = (per_token * weights.to(device)[row_of_token]).sum()
+        return total / (divisor or int(keep.sum()))
+
+    @torch.no_grad()
+    def sample_ids(self, features: torch.Tensor, context: list[list[int]], samples: int,
+                   max_new_tokens: int) -> list[list[int]]:
+        """`samples` captions per image drawn from the model's own distribution (temperature 1, no top-k or
+        top-p), as token ids ending with the end-of-text token when they ended; images major, samples minor."""
+        from transformers import GenerationConfig
+
+        embeds, mask = self.prefix_embeddings(features, context)
+        eos, pad = self.lm.tokenizer.eos_token_id, self.lm.tokenizer.pad_token_id
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=samples,
+                                  temperature=1.0, top_k=0, top_p=1.0, num_beams=1, eos_token_id=eos,
+                                  pad_token_id=pad, bos_token_id=None, use_cache=True)
+        out = self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        drawn = []
+        for row in out.tolist():
+            end = row.index(eos) + 1 if eos in row else len(row)
+            drawn.append(row[:end])
+        return drawn
 
     def prefix_embeddings(self, features: torch.Tensor, context: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, D) or (B, N, D) and per-row context ids -> (embeddings (B, C, E), attention mask (B, C)),

@@ -31,6 +31,7 @@ from capcli.files import atomic_write_bytes
 from capcli.grounding import classifier_labels, training_example
 from capcli.pipeline import CaptionModel
 from capcli.reporting import Reporter, sigterm_interrupts
+from capcli.scst import SelfCritical
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainSettings:
     """How to train (recorded in config.json's "training" and in every checkpoint)."""
 
     epochs: int = 5  # passes over the captions
-    batch_size: int = 32  # captions per step (the global batch, whatever the number of processes)
+    batch_size: int = 32  # captions per step ("cider": images per step); the global batch, whatever the processes
     lr: float = 5e-4  # peak learning rate (AdamW), after a linear warm-up, then cosine decay to a tenth
     warmup_steps: int = 100  # steps of linear warm-up
     weight_decay: float = 0.01  # AdamW weight decay
@@ -50,6 +51,8 @@ class TrainSettings:
     sample_captions: int = 3  # captions shown per epoch, on stderr and in the log
     precision: str = "auto"  # autocast: see devices.autocast
     init: str | None = None  # model dir whose mapper weights the run starts from (same encoder, LM and sizes)
+    objective: str = "xent"  # "xent": cross-entropy on the captions; "cider": self-critical, on sampled captions' CIDEr-D
+    samples: int = 5  # captions sampled per image by the "cider" objective
 
 
 @dataclass
@@ -105,7 +108,9 @@ def fit(run: TrainRun, report: Reporter = Reporter()) -> dict:
     trainable = [p for p in state.model.mapper.parameters() if p.requires_grad]
     report.line(f"training a {run.config.mapper} mapper ({sum(p.numel() for p in trainable):,} parameters) on "
                 f"{len(state.train_set.pairs)} captions of {len(state.train_set.images)} images: "
-                f"{run.settings.epochs} epochs of {state.steps_per_epoch} steps, batch {run.settings.batch_size}, "
+                f"{run.settings.epochs} epochs of {state.steps_per_epoch} steps, batch {run.settings.batch_size}"
+                + (f" images x {run.settings.samples} sampled captions, self-critical"
+                   if run.settings.objective == "cider" else "") + ", "
                 f"on {device}" + (f" x {world} processes" if world > 1 else ""))
     trained = accelerator.prepare_model(state.model)  # DistributedDataParallel when launched as several processes
 
@@ -141,7 +146,7 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
                            "train_captions": len(train_set.pairs), "data": str(run.train.source)}
     trainable = [p for p in model.mapper.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set.pairs) / settings.batch_size)
+    steps_per_epoch = math.ceil(_units(train_set, settings) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     if settings.max_steps:
         total_steps = min(total_steps, settings.max_steps)
@@ -169,20 +174,32 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
     return state
 
 
+def _units(data: FeatureSet, settings: TrainSettings) -> int:
+    """What a step's batch counts: captions, or images for the "cider" objective."""
+    return len(data.images) if settings.objective == "cider" else len(data.pairs)
+
+
 def _train_epoch(trained, state: _State, epoch: int, run: TrainRun, accelerator, device, advance, save,
                  started: float) -> None:
     settings, world = run.settings, accelerator.num_processes
     state.model.mapper.train()
-    order = torch.randperm(len(state.train_set.pairs), generator=torch.Generator().manual_seed(settings.seed + epoch))
+    order = torch.randperm(_units(state.train_set, settings),
+                           generator=torch.Generator().manual_seed(settings.seed + epoch))
     trainable = [p for p in state.model.mapper.parameters() if p.requires_grad]
-    running = []
+    critic = _critic(state.train_set, settings)
+    running, rewards = [], []
     for batch in range(state.step - epoch * state.steps_per_epoch, state.steps_per_epoch):
         if state.step >= state.total_steps:
             break
         rows = order[batch * settings.batch_size: (batch + 1) * settings.batch_size].tolist()
         with autocast(device, settings.precision):
-            loss = _share_loss(trained, state.model, state.train_set, rows, accelerator.process_index, world,
-                               device, state.step, settings)
+            if critic is None:
+                loss = _share_loss(trained, state.model, state.train_set, rows, accelerator.process_index, world,
+                                   device, state.step, settings)
+            else:
+                loss, reward = _share_critic_loss(critic, trained, state.model, state.train_set, rows,
+                                                  accelerator.process_index, world, device)
+                rewards.append(accelerator.reduce(reward.to(device), "mean").item() if world > 1 else reward.item())
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -194,9 +211,10 @@ def _train_epoch(trained, state: _State, epoch: int, run: TrainRun, accelerator,
         if state.step % settings.log_every == 0:
             if accelerator.is_main_process:
                 _log(run.out, {"step": state.step, "epoch": epoch + 1, "loss": sum(running) / len(running),
+                               **({"reward": sum(rewards) / len(rewards)} if rewards else {}),
                                "lr": state.scheduler.get_last_lr()[0],
                                "elapsed_s": round(time.monotonic() - started, 1)})
-            running = []
+            running, rewards = [], []
         if state.step % settings.checkpoint_every == 0:
             save()
 
@@ -275,6 +293,30 @@ def _share_loss(trained, model: CaptionModel, data: FeatureSet, rows: list[int],
     return trained(features, [ids[i] for i in mine], tokens, context and [context[i] for i in mine]) * weight
 
 
+def _critic(data: FeatureSet, settings: TrainSettings) -> SelfCritical | None:
+    """The self-critical objective's reward and loss, with each training image's references."""
+    if settings.objective != "cider":
+        return None
+    references: list[list[str]] = [[] for _ in data.images]
+    for (image, _), text in zip(data.pairs, data.texts):
+        references[image].append(text)
+    return SelfCritical(references, settings.samples)
+
+
+def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data: FeatureSet, images: list[int],
+                       rank: int, world: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's images of a global batch (rank, rank + world, ...), scaled as _share_loss does: the
+    loss is divided by the global batch's number of samples. Returns it with the mean reward of its samples."""
+    mine = images[rank::world]
+    weight = world
+    if not mine:  # fewer images than processes: join the all-reduce with nothing
+        mine, weight = images[:1], 0
+    features = data.features[mine].to(device).float()
+    labels = [data.labels[i] for i in mine] if data.labels is not None else None
+    loss, rewards = critic.loss(trained, model, features, mine, labels, len(images) * critic.samples)
+    return loss * weight, rewards.mean()
+
+
 def _batch_loss(model: CaptionModel, data: FeatureSet, rows: list[int], device, settings: TrainSettings) -> torch.Tensor:
     features = data.features[[data.pairs[r][0] for r in rows]].to(device).float()
     ids, context = _inputs(model, data, rows, None, settings)
@@ -310,7 +352,8 @@ def _end_of_epoch(model, train_set, val_set, epoch, step, settings, device, star
 
 
 def plot_loss_curve(out: Path) -> None:
-    """loss_curve.png beside train_log.jsonl: training loss per logged step, validation loss per epoch."""
+    """loss_curve.png beside train_log.jsonl: training loss per logged step, validation loss per epoch, and for
+    self-critical runs the samples' mean reward."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -319,6 +362,7 @@ def plot_loss_curve(out: Path) -> None:
     records = [json.loads(line) for line in (out / modeldir.LOG_FILE).read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    reward = [(r["step"], r["reward"]) for r in records if "reward" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="training loss", linewidth=1)
@@ -329,7 +373,12 @@ def plot_loss_curve(out: Path) -> None:
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
     if train or val:
-        ax.legend()
+        ax.legend(loc="upper left")
+    if reward:
+        right = ax.twinx()
+        right.plot(*zip(*reward), color="tab:green", linewidth=1, label="mean reward (CIDEr-D of the samples)")
+        right.set_ylabel("reward")
+        right.legend(loc="upper right")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import capcli.evaluate
 from capcli.cli import app
-from capcli.evaluate import python_tokenize, score
+from capcli.evaluate import diversity, python_tokenize, score
 
 runner = CliRunner()
 
@@ -29,6 +29,11 @@ def test_python_tokenizer_lowercases_and_drops_punctuation():
     assert python_tokenize("The dog's ball") == "the dog's ball"
 
 
+def test_diversity_counts_distinct_captions_words_and_length():
+    spread = diversity(["A dog runs.", "a dog runs", "A cat sleeps on a mat."])
+    assert spread == {"distinct_captions": pytest.approx(2 / 3), "vocabulary": 7, "mean_length": pytest.approx(4.0)}
+
+
 @pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
 def test_ptb_tokenizer_and_meteor_with_java():
     metrics, _, tokenizer = score({"a": "A dog runs."}, {"a": ["A dog runs.", "The dog is running."]})
@@ -47,6 +52,7 @@ def test_eval_command_prints_summary_and_writes_predictions_and_report(tiny_mode
     assert summary["decoding"]["max_new_tokens"] == 5
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 6 and all(len(r["references"]) == 1 for r in rows)
+    assert summary["diversity"] == diversity([r["caption"] for r in rows])
     page = report.read_text()
     assert page.count("<tr><td><img src='data:image/jpeg;base64,") == 6
     ciders = [float(cell.split("<")[0]) for cell in page.split("<td class='num'>")[1:]]

@@ -1,5 +1,6 @@
 """Scaling out: data-parallel training under torchrun (2 CPU processes, gloo) takes the same steps as one
-process, --resume works across a different number of processes, and --shard splits inputs exactly."""
+process, --resume works across a different number of processes, self-critical fine-tuning runs launched too,
+and --shard splits inputs exactly."""
 
 import io
 import json
@@ -66,6 +67,16 @@ def test_two_processes_train_like_one_and_resume_with_a_different_number(shapes_
     run(ONE_PROCESS, train_command(shapes_data, tiny_lm, one, "--epochs", "3", "--resume"))
     run(ONE_PROCESS, train_command(shapes_data, tiny_lm, two, "--epochs", "3", "--resume"))
     assert same(val_losses(one), val_losses(two)) and len(val_losses(one)) == 3
+
+
+def test_self_critical_fine_tuning_runs_data_parallel(tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "tuned"
+    result = run(TWO_PROCESSES, ["train", "--data", str(tiny_data), "--out", str(out), "--init", str(tiny_model),
+                                 "--objective", "cider", "--samples", "2", "--batch-size", "3", "--epochs", "1",
+                                 "--warmup-steps", "1", "--features", str(tiny_data / "features")])
+    assert "x 2 processes" in result.stderr and result.stderr.count("self-critical") == 1
+    assert [r["step"] for r in log(out) if "val_loss" not in r][-1] == 3  # 8 images, 3 a step
+    assert (out / "mapper.safetensors").is_file()
 
 
 def test_shards_cover_every_input_exactly_once_whatever_the_listing():

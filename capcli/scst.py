@@ -1,0 +1,54 @@
+"""Self-critical sequence training (Rennie et al. 2017, "Self-critical Sequence Training for Image
+Captioning"): sample a few captions per image from the mapper's own distribution, reward each with its
+CIDEr-D against the image's training references, and raise the likelihood of those that beat the mean of
+the image's other samples (the baseline of Luo 2020, "A Better Variant of Self-Critical Sequence
+Training"). Only the mapper learns; the LM stays frozen."""
+
+from __future__ import annotations
+
+import torch
+
+from capcli.cider import CiderD
+
+MAX_SAMPLE_TOKENS = 24  # a sampled caption is cut here (Flickr8k references average 11 words)
+
+
+class SelfCritical:
+    """The reward and the loss of one self-critical step, for a training set's images and references."""
+
+    def __init__(self, references: list[list[str]], samples: int):
+        if samples < 2:
+            raise ValueError("self-critical training needs at least 2 samples per image (the baseline is the others' mean)")
+        self.references = references  # per image index
+        self.samples = samples
+        self.cider = CiderD(references)  # document frequencies over the training images
+        self._prepared: dict[int, list] = {}
+
+    def rewards(self, images: list[int], captions: list[str]) -> torch.Tensor:
+        """(len(images), samples) CIDEr-D of each caption (images major) against its image's references."""
+        scores = [self.cider.score(caption, self._references(images[i // self.samples]))
+                  for i, caption in enumerate(captions)]
+        return torch.tensor(scores).view(len(images), self.samples)
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Each sample's reward minus the mean reward of its image's other samples."""
+        others = (rewards.sum(1, keepdim=True) - rewards) / (self.samples - 1)
+        return rewards - others
+
+    def loss(self, trained, model, features: torch.Tensor, images: list[int], labels: list[list[str]] | None,
+             divisor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's loss for these images (features (B, D) on the device), divided by `divisor`, and the
+        rewards of their samples."""
+        context = model.context_ids(labels, len(images))
+        ids = model.sample_ids(features, context, self.samples, MAX_SAMPLE_TOKENS)
+        captions = [" ".join(t.split()) for t in model.lm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        rewards = self.rewards(images, captions)
+        weights = self.advantages(rewards).flatten()
+        repeated = features.repeat_interleave(self.samples, dim=0)
+        contexts = [c for c in context for _ in range(self.samples)]
+        return trained(repeated, ids, divisor, contexts, weights), rewards
+
+    def _references(self, image: int) -> list:
+        if image not in self._prepared:
+            self._prepared[image] = self.cider.prepare(self.references[image])
+        return self._prepared[image]

@@ -1,0 +1,94 @@
+"""Self-critical fine-tuning (`capcli train --objective cider`): the reward, the baseline, the direction of
+the update, and a run that starts from a trained model dir and keeps its model."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from capcli.scst import SelfCritical
+
+runner = CliRunner()
+
+
+def tune(data, model, out, *extra):
+    return runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--init", str(model),
+                               "--objective", "cider", "--features", str(data / "features"), "--quiet", *extra])
+
+
+def test_a_caption_like_the_references_earns_more_than_one_unlike_them():
+    critic = SelfCritical([["a red circle .", "a red round shape"], ["a blue square .", "a blue box"]], samples=2)
+    rewards = critic.rewards([0, 1], ["a red circle", "a blue box", "a blue square", "a red circle"])
+    assert rewards.shape == (2, 2)
+    assert rewards[0, 0] > rewards[0, 1] and rewards[1, 0] > rewards[1, 1]
+
+
+def test_each_sample_is_measured_against_the_mean_of_the_others():
+    critic = SelfCritical([["x"]], samples=3)
+    advantages = critic.advantages(torch.tensor([[1.0, 2.0, 3.0]]))
+    assert advantages.tolist() == [[-1.5, 0.0, 1.5]]
+
+
+def test_the_update_makes_the_better_sample_more_likely(tiny_model, tiny_lm):
+    from capcli.lm import load_lm
+    from capcli.modeldir import read_model_dir, load_mapper_weights
+    from capcli.pipeline import CaptionModel
+
+    config, weights = read_model_dir(tiny_model)
+    model = CaptionModel(config, load_lm(str(tiny_lm)))
+    load_mapper_weights(model.mapper, weights, tiny_model, config.mapper)
+    features = torch.randn(1, config.feature_dim).repeat(2, 1)
+    better, worse = model.tokenize(["a red circle .", "a blue square ."])
+
+    def log_likelihoods():
+        with torch.no_grad():
+            return [-model.loss(features[:1], [ids], 1.0).item() for ids in (better, worse)]
+
+    before = log_likelihoods()
+    optimizer = torch.optim.SGD(model.mapper.parameters(), lr=0.05)
+    model.loss(features, [better, worse], 2.0, None, torch.tensor([1.0, -1.0])).backward()
+    optimizer.step()
+    after = log_likelihoods()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_weighted_loss_is_the_weighted_sum_of_each_caption_s_loss(tiny_model, tiny_lm):
+    from capcli.lm import load_lm
+    from capcli.modeldir import read_model_dir
+    from capcli.pipeline import CaptionModel
+
+    config, _ = read_model_dir(tiny_model)
+    model = CaptionModel(config, load_lm(str(tiny_lm)))
+    features = torch.randn(2, config.feature_dim)
+    ids = model.tokenize(["a red circle .", "a blue square that is big ."])
+    with torch.no_grad():
+        each = [model.loss(features[i:i + 1], [ids[i]], 1.0).item() for i in range(2)]
+        weighted = model.loss(features, ids, 4.0, None, torch.tensor([0.5, -2.0])).item()
+    assert weighted == pytest.approx((0.5 * each[0] - 2.0 * each[1]) / 4.0, rel=1e-4)
+
+
+def test_a_self_critical_run_keeps_the_model_of_init_and_logs_the_reward(tiny_data, tiny_model, tmp_path):
+    from capcli.jobs import TrainJob, train_job
+
+    out = tmp_path / "tuned"
+    train_job(TrainJob(tiny_data, out, features=tiny_data / "features", settings=dict(
+        init=str(tiny_model), objective="cider", samples=3, batch_size=4, epochs=2, lr=1e-4, warmup_steps=1,
+        log_every=1)))
+    before, after = (json.loads((d / "config.json").read_text()) for d in (tiny_model, out))
+    assert {k: v for k, v in after.items() if k != "training"} == {k: v for k, v in before.items() if k != "training"}
+    assert after["training"]["objective"] == "cider" and after["training"]["samples"] == 3
+    steps = [r for r in (json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # 8 images, 4 a step, 2 epochs
+    assert all(0 <= r["reward"] <= 10 for r in steps)
+    captioned = runner.invoke(app, ["caption", str(tiny_data / "0.png"), "--model", str(out), "--quiet"])
+    assert captioned.exit_code == 0 and captioned.stdout.strip()
+
+
+def test_self_critical_needs_a_model_to_start_from_and_keeps_its_shape(tiny_data, tiny_model, tmp_path):
+    alone = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "a"), "--objective", "cider",
+                                "--features", str(tiny_data / "features"), "--quiet"])
+    assert alone.exit_code == 2 and "--init MODEL_DIR" in alone.output
+    reshaped = tune(tiny_data, tiny_model, tmp_path / "b", "--prefix-length", "4")
+    assert reshaped.exit_code == 2 and "--prefix-length" in reshaped.output and "keeps the model of --init" in reshaped.output
