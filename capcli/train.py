@@ -369,7 +369,7 @@ def plot_loss_curve(out: Path) -> None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy per caption token")
+    ax.set_ylabel("advantage-weighted cross-entropy per sample" if reward else "cross-entropy per caption token")
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
     if train or val:
