@@ -106,32 +106,25 @@ class CaptionModel(nn.Module):
         predicting = hidden[:, start: start + longest]  # (B, T, E)
         keep = labels != IGNORE_INDEX
         logits = self.lm.model.get_output_embeddings()(predicting[keep])  # (M, V), M caption tokens
-        if weights is None:
-            total = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
-        else:
-            per_token = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="none")
+        per_token = nn.functional.cross_entropy(logits.float(), labels[keep], reduction="none")  # (M,)
+        if weights is not None:
             row_of_token = torch.arange(len(rows), device=device)[:, None].expand_as(labels)[keep]
-            total = (per_token * weights.to(device)[row_of_token]).sum()
-        return total / (divisor or int(keep.sum()))
+            per_token = per_token * weights.to(device)[row_of_token]
+        return per_token.sum() / (divisor or int(keep.sum()))
 
     @torch.no_grad()
     def sample_ids(self, features: torch.Tensor, context: list[list[int]], samples: int,
                    max_new_tokens: int) -> list[list[int]]:
         """`samples` captions per image drawn from the model's own distribution (temperature 1, no top-k or
         top-p), as token ids ending with the end-of-text token when they ended; images major, samples minor."""
-        from transformers import GenerationConfig
+        settings = GenerationSettings(sample=True, num_captions=samples, max_new_tokens=max_new_tokens)
+        eos = self.lm.tokenizer.eos_token_id
+        return [row[: row.index(eos) + 1] if eos in row else row
+                for row in self._generate(features, context, settings).tolist()]
 
-        embeds, mask = self.prefix_embeddings(features, context)
-        eos, pad = self.lm.tokenizer.eos_token_id, self.lm.tokenizer.pad_token_id
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=samples,
-                                  temperature=1.0, top_k=0, top_p=1.0, num_beams=1, eos_token_id=eos,
-                                  pad_token_id=pad, bos_token_id=None, use_cache=True)
-        out = self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
-        drawn = []
-        for row in out.tolist():
-            end = row.index(eos) + 1 if eos in row else len(row)
-            drawn.append(row[:end])
-        return drawn
+    def texts(self, ids) -> list[str]:
+        """Token id rows as caption text, spaces collapsed."""
+        return [" ".join(t.split()) for t in self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def prefix_embeddings(self, features: torch.Tensor, context: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, D) or (B, N, D) and per-row context ids -> (embeddings (B, C, E), attention mask (B, C)),
@@ -176,6 +169,13 @@ class CaptionModel(nn.Module):
 
     def _decode(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
                 labels: list[list[str]] | None = None) -> list[list[str]]:
+        texts = self.texts(self._generate(features, context, settings, labels))
+        k = settings.num_captions
+        return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
+
+    def _generate(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
+                  labels: list[list[str]] | None = None) -> torch.Tensor:
+        """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens)."""
         from transformers import GenerationConfig
 
         embeds, mask = self.prefix_embeddings(features, context)  # (B, C, E)
@@ -197,11 +197,8 @@ class CaptionModel(nn.Module):
             torch.manual_seed(settings.seed)
         with warnings.catch_warnings():  # "n-gram constraints apply only to new tokens": what we want
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
-            out = self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-                                         logits_processor=processors or None)
-        texts = [" ".join(t.split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
-        k = settings.num_captions
-        return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
+            return self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                                          logits_processor=processors or None)
 
 
 class _LabelBonus:

@@ -41,8 +41,7 @@ class SelfCritical:
         rewards of their samples."""
         context = model.context_ids(labels, len(images))
         ids = model.sample_ids(features, context, self.samples, MAX_SAMPLE_TOKENS)
-        captions = [" ".join(t.split()) for t in model.lm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        rewards = self.rewards(images, captions)
+        rewards = self.rewards(images, model.texts(ids))
         weights = self.advantages(rewards).flatten()
         repeated = features.repeat_interleave(self.samples, dim=0)
         contexts = [c for c in context for _ in range(self.samples)]

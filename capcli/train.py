@@ -94,6 +94,7 @@ class _State:
     steps_per_epoch: int
     total_steps: int
     step: int = 0
+    critic: SelfCritical | None = None  # the "cider" objective's reward and loss
 
 
 def fit(run: TrainRun, report: Reporter = Reporter()) -> dict:
@@ -151,7 +152,8 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
     if settings.max_steps:
         total_steps = min(total_steps, settings.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.warmup_steps, total_steps))
-    state = _State(model, train_set, val_set, optimizer, scheduler, steps_per_epoch, total_steps)
+    state = _State(model, train_set, val_set, optimizer, scheduler, steps_per_epoch, total_steps,
+                   critic=_critic(train_set, settings))
     if run.checkpoint:
         modeldir.load_mapper_weights(model.mapper, run.checkpoint["mapper"], run.out / modeldir.CHECKPOINT_FILE,
                                      run.config.mapper)
@@ -186,7 +188,7 @@ def _train_epoch(trained, state: _State, epoch: int, run: TrainRun, accelerator,
     order = torch.randperm(_units(state.train_set, settings),
                            generator=torch.Generator().manual_seed(settings.seed + epoch))
     trainable = [p for p in state.model.mapper.parameters() if p.requires_grad]
-    critic = _critic(state.train_set, settings)
+    critic = state.critic
     running, rewards = [], []
     for batch in range(state.step - epoch * state.steps_per_epoch, state.steps_per_epoch):
         if state.step >= state.total_steps:
