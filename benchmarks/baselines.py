@@ -17,13 +17,13 @@ from PIL import Image
 
 from capcli.config import GenerationSettings
 from capcli.devices import autocast
-from capcli.encoders import efficientnet_lite_classifier
+from capcli.encoders import timm_efficientnet_lite
 
 
 @torch.inference_mode()
 def seed_extract(paths: list[Path], encoder_name: str, preprocess, device: torch.device) -> torch.Tensor:
     """Pooled features (n, D), one image at a time through the whole classifier, caught by a hook."""
-    classifier = efficientnet_lite_classifier(encoder_name).eval().to(device)
+    classifier = timm_efficientnet_lite(encoder_name).eval().to(device)
     caught = {}
     classifier.global_pool.register_forward_hook(lambda module, inputs, output: caught.update(features=output))
     rows = []

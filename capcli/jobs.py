@@ -290,6 +290,7 @@ class CaptionJob:
     memories: list[Path] = field(default_factory=list)  # memory dirs whose captions pick among candidates
     memory_mode: str = "replace"  # the memories replace the model's own, or are added to it
     explain: bool = False  # JSONL records list the neighbours that voted
+    precision: str = "auto"  # autocast while captioning: see devices.autocast
 
 
 def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO | None = None,
@@ -454,7 +455,8 @@ def _load_captioner(job, report: Reporter):
     """The job's model on its device, with the memories it names (after the model's own, or instead)."""
     from capcli.pipeline import Captioner
 
-    captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line)
+    captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line,
+                               precision=job.precision)
     if job.memories:
         captioner.use_memories(job.memories, job.memory_mode)
     if captioner.memory is not None:
@@ -589,6 +591,7 @@ class EvalJob:
     encoder_weights: Path | None = None
     memories: list[Path] = field(default_factory=list)  # as CaptionJob.memories
     memory_mode: str = "replace"
+    precision: str = "auto"  # as CaptionJob.precision
 
 
 def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResult]:
@@ -611,7 +614,7 @@ def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResu
     summary, rows = _score(predictions, refs, with_labels, report)
     summary = {"model": str(captioner.model_dir), "images": len(predictions),
                "failed": len(references.images) - len(predictions), **summary,
-               "decoding": dataclasses.asdict(settings),
+               "decoding": dataclasses.asdict(settings), "precision": job.precision,
                "memory": captioner.memory.source if captioner.memory is not None else None,
                "seconds": round(seconds, 1)}
     _write_eval_outputs(job, summary, rows)

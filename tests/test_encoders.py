@@ -1,11 +1,13 @@
 """Encoders load real weights (checked by classifying a real photo), report their sizes, and fail clearly."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from capcli.encoders import efficientnet_lite_classifier, load_encoder
+from capcli.encoders import load_encoder, timm_efficientnet_lite
 from capcli.errors import ModelError
 
 
@@ -28,9 +30,8 @@ def imagenet_top5(logits: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
 def test_efficientnet_lite_weights_recognise_a_cat(name):
     encoder = load_encoder(name)
-    classifier = efficientnet_lite_classifier(name)
     with torch.no_grad():
-        top5 = imagenet_top5(classifier(encoder.preprocess(chelsea())[None]))
+        top5 = imagenet_top5(encoder.classify(encoder(encoder.preprocess(chelsea())[None]).mean(1)))
     assert top5[0] in {"tabby", "tiger cat", "Egyptian cat"}, top5
     assert {"tabby", "tiger cat", "Egyptian cat"} <= set(top5), top5
 
@@ -76,22 +77,56 @@ def test_unknown_encoder_and_wrong_weights_are_refused(tmp_path):
         load_encoder("resnet18", weights=wrong)
 
 
-@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
-def test_faster_encoder_gives_the_features_of_the_original_layers(name):
-    """The encoder folds batch norms into convs and makes TF-"same" padding static (encoders.py):
-    its features must be timm's forward_features of the same weights, to float rounding."""
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_capcli_efficientnet_lite_gives_the_features_and_classes_of_timms_layers(name):
+    """capcli/lite.py builds the network from its weights file with batch norms folded and static padding:
+    its features and ImageNet logits must be those of timm's tf_efficientnet_liteK, to float rounding."""
+    pytest.importorskip("timm")
     from torch import nn
 
     encoder = load_encoder(name)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
-    assert not any(type(m).__name__ == "Conv2dSame" for m in encoder.modules())
-    original = efficientnet_lite_classifier(name)
-    assert any(type(m).__name__ == "Conv2dSame" for m in original.modules())
+    original = timm_efficientnet_lite(name)
+    assert any(type(m).__name__ == "Conv2dSame" for m in original.modules())  # TF padding, done differently
     images = torch.stack([encoder.preprocess(chelsea()), encoder.preprocess(chelsea().rotate(90))])
     with torch.no_grad():
         ours = encoder(images)
         theirs = original.forward_features(images).flatten(2).transpose(1, 2)
+        our_logits, their_logits = encoder.classify(ours.mean(1)), original(images)
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max())
+    assert torch.allclose(our_logits, their_logits, rtol=1e-4, atol=1e-4 * their_logits.abs().max())
+
+
+def test_backbone_only_lite_weights_give_features_but_no_head(tmp_path):
+    from capcli.encoders import _lite_weights_file
+
+    full = torch.load(_lite_weights_file("efficientnet-lite0"), weights_only=True)
+    backbone = tmp_path / "lite0-backbone.pth"
+    torch.save({k: v for k, v in full.items() if not k.startswith("_fc.")}, backbone)
+    encoder, reference = load_encoder("efficientnet-lite0", weights=backbone), load_encoder("efficientnet-lite0")
+    assert encoder.head is None and reference.head is not None
+    images = encoder.preprocess(chelsea())[None]
+    with torch.no_grad():
+        assert torch.equal(encoder(images), reference(images))
+    with pytest.raises(ModelError, match="no classification head"):
+        encoder.require_head()
+
+
+def test_weights_of_another_network_are_refused_for_efficientnet_lite(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ModelError, match=r"resnet18.pth: not efficientnet-lite0 weights"):
+        load_encoder("efficientnet-lite0", weights=path)
+
+
+def test_loading_the_default_encoder_imports_no_model_library():
+    """The caption path builds EfficientNet-Lite itself: timm's import alone costs most of a second."""
+    code = ("import sys; from capcli.encoders import load_encoder; load_encoder(); "
+            "print(sorted(m for m in ('timm', 'capcli.lite') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[0] == "['capcli.lite']"
 
 
 def test_batch_norms_are_folded_only_where_the_output_stays_the_same():
