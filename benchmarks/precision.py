@@ -5,8 +5,9 @@
 
 For each setting: seconds to caption the images (encoder + decoding, after one warm-up batch), the speed-up
 over fp32, and how many captions are identical to fp32's. Writes benchmarks/results/precision-<machine>.md.
-Settings: torch.ao dynamic int8 of every Linear but the LM head (and of the MLPs only, the attention only),
-and torchao's int8 weight-only and dynamic int8 configs. (bf16 is left out: on a CPU without AVX-512 BF16 a
+Settings: torch.ao dynamic int8 of every Linear but the LM head (and of the MLPs only, the attention only;
+with per-channel weight scales, also without the MLPs' down projections), and torchao's int8 weight-only
+and dynamic int8 configs (needs `pip install torchao`). (bf16 is left out: on a CPU without AVX-512 BF16 a
 bf16 training step took over ten times as long as fp32.)
 """
 
@@ -46,10 +47,11 @@ def images_for(count: int) -> list[Path]:
     return sorted((ROOT / "examples").glob("*.*"))[:count]
 
 
-def torch_ao_dynamic(model, keep):
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+def torch_ao_dynamic(model, keep, per_channel=False):
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
-    spec = {n: default_dynamic_qconfig for n, m in model.named_modules()
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    spec = {n: qconfig for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and keep(n)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -69,6 +71,12 @@ SETTINGS = {
     "torch.ao dynamic int8, all Linear but lm_head": lambda m: torch_ao_dynamic(m, lambda n: n != "lm_head"),
     "torch.ao dynamic int8, MLP only": lambda m: torch_ao_dynamic(m, lambda n: ".mlp." in n),
     "torch.ao dynamic int8, attention only": lambda m: torch_ao_dynamic(m, lambda n: ".self_attn." in n),
+    # one weight scale per output channel instead of per tensor
+    "torch.ao dynamic int8, per-channel weights, all Linear but lm_head":
+        lambda m: torch_ao_dynamic(m, lambda n: n != "lm_head", per_channel=True),
+    # down_proj reads the MLP's largest activations
+    "torch.ao dynamic int8, per-channel weights, all Linear but lm_head and down_proj":
+        lambda m: torch_ao_dynamic(m, lambda n: n != "lm_head" and "down_proj" not in n, per_channel=True),
     "torchao Int8WeightOnlyConfig": torchao("Int8WeightOnlyConfig"),
     "torchao Int8DynamicActivationInt8WeightConfig": torchao("Int8DynamicActivationInt8WeightConfig"),
 }

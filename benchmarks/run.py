@@ -39,6 +39,7 @@ from capcli.pipeline import Captioner  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 LM_MODELING = "transformers.models.llama.modeling_llama"  # the default LM (SmolLM2) is a Llama
+LM_FLOOR = "import torch, transformers; from transformers import LlamaForCausalLM"
 SECTIONS = ("extract", "caption", "train", "startup", "memory")
 
 
@@ -213,12 +214,15 @@ def capcli_command() -> list[str]:
 def bench_startup(image: Path, runs: int, workdir: Path) -> dict:
     floor = [run_process([sys.executable, "-c", "import torch, transformers"])[0] for _ in range(runs)]
     # transformers imports lazily: running any LM through it also imports its modeling code (and with it
-    # torch._dynamo, torch.distributed, scipy and sympy), the floor for a program that uses the default LM
-    lm_floor = [run_process([sys.executable, "-c", f"import torch, {LM_MODELING}"])[0] for _ in range(runs)]
+    # torch._dynamo, torch.distributed, scipy and sympy), the floor for a program that uses the default LM.
+    # Issue 15 defines it through transformers' lazy top level; importing the module directly is a bit faster.
+    lm_floor = [run_process([sys.executable, "-c", LM_FLOOR])[0] for _ in range(runs)]
+    module_floor = [run_process([sys.executable, "-c", f"import torch, {LM_MODELING}"])[0] for _ in range(runs)]
     helps = [run_process(capcli_command() + ["--help"])[0] for _ in range(runs)]
     run_process(capcli_command() + ["caption", str(image), "-q"])  # make sure every cache is warm
     warm = [run_process(capcli_command() + ["caption", str(image), "-q"])[0] for _ in range(runs)]
     result = {"import_floor_s": statistics.median(floor), "lm_import_floor_s": statistics.median(lm_floor),
+              "lm_module_import_floor_s": statistics.median(module_floor),
               "help_s": statistics.median(helps), "warm_caption_one_image_s": statistics.median(warm)}
     result["warm_over_floor"] = result["warm_caption_one_image_s"] / result["import_floor_s"]
     gguf = cache_dir() / "downloads"
@@ -299,15 +303,20 @@ def markdown(r: dict) -> str:
                     f"<= 1.5x |")
         if "lm_import_floor_s" in s:
             rows.append(f"| start-up, warm, against the LM's import floor | {s['warm_caption_one_image_s']:.1f} s | "
-                        f"{s['lm_import_floor_s']:.1f} s (`import torch, {LM_MODELING}`) | "
-                        f"{s['warm_caption_one_image_s'] / s['lm_import_floor_s']:.2f}x | |")
+                        f"{s['lm_import_floor_s']:.1f} s (`{LM_FLOOR}`) | "
+                        f"{s['warm_caption_one_image_s'] / s['lm_import_floor_s']:.2f}x | <= 1.3x |")
+        if "lm_module_import_floor_s" in s:
+            rows.append(f"| start-up, warm, against importing the LM's modeling module | "
+                        f"{s['warm_caption_one_image_s']:.1f} s | {s['lm_module_import_floor_s']:.1f} s "
+                        f"(`import torch, {LM_MODELING}`) | "
+                        f"{s['warm_caption_one_image_s'] / s['lm_module_import_floor_s']:.2f}x | |")
             rows.append(f"| start-up, `capcli --help` | {s['help_s']:.1f} s | | | |")
         if "cold_caption_one_image_s" in s:
             rows.append(f"| start-up, cold caches (LM converted again) | {s['cold_caption_one_image_s']:.1f} s | | | |")
     if "memory" in r:
         m = r["memory"]
         rows.append(f"| peak RSS, caption {m['caption_images']} images | {m['caption_peak_rss_mb']:.0f} MB | | | "
-                    f"<= 1,536 MB |")
+                    f"<= 1,024 MB |")
         rows.append(f"| peak RSS, train (batch {m['train_batch_size']}) | {m['train_peak_rss_mb']:.0f} MB | | | "
                     f"<= 4,096 MB |")
     return (f"Machine: {r['machine']}. Device: {r['device']}. Model: {r['model']}. "

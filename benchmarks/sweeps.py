@@ -5,9 +5,10 @@
   allocator and with freed memory kept (-> encoders.CPU_BATCH, encoders.fold_batch_norms, capcli.allocator);
 - workers: extract with 0, 1 and 2 decoding workers, on a small and a larger job (-> features.SMALL_JOB);
 - caption: images/s of captioning at batch 16, 12 and 8, greedy and beam 3 (-> the CPU caption batch);
-- memory: RSS after each stage of loading the default model and captioning a batch.
+- memory: RSS after each stage of loading the default model and captioning a batch;
+- startup: seconds of each stage of a one-image caption (imports, encoder, LM, the caption), in fresh processes.
 
-    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory]     (all by default; about 6 minutes)
+    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory] [startup]   (all by default; about 7 minutes)
 """
 
 from __future__ import annotations
@@ -141,11 +142,57 @@ def memory_sweep() -> None:
     stage("32 images captioned (batch 16, default decoding)")
 
 
+def startup_sweep(processes: int = 3) -> None:
+    """Each run in a fresh process: imports are only slow the first time in a process."""
+    for _ in range(processes):
+        subprocess.run([sys.executable, __file__, "startup-stages"], check=True)
+
+
+def startup_stages() -> None:
+    """What `capcli caption examples/chelsea.png` does, stage by stage, on the CPU."""
+    times, last = [], time.perf_counter()
+
+    def stage(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        times.append(f"{name} {now - last:.2f}")
+        last = now
+
+    import torch
+
+    stage("import torch")
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    stage("the LM's modeling code")
+    from capcli.config import DEFAULT_ENCODER, DEFAULT_LM
+    from capcli.encoders import load_encoder
+    from capcli.images import open_image
+    from capcli.lm import load_lm
+    from capcli.pipeline import Captioner
+
+    stage("capcli's modules")
+    load_encoder(DEFAULT_ENCODER)
+    stage("the encoder")
+    load_lm(DEFAULT_LM)
+    stage("the LM (first load in the process)")
+    captioner = Captioner.load(device="cpu")
+    stage("the whole default model again")
+    image = captioner.encoder.preprocess(open_image(ROOT / "examples" / "chelsea.png"))[None]
+    for name in ("first caption (default decoding)", "second caption"):
+        with torch.inference_mode():
+            captioner.caption_tensors(image, captioner.settings())
+        stage(name)
+    print("start-up stages, seconds: " + "; ".join(times), flush=True)
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
-    sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "caption": caption_sweep, "memory": memory_sweep}
+    sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "caption": caption_sweep, "memory": memory_sweep,
+              "startup": startup_sweep}
     if sys.argv[1:2] == ["encoder-rates"]:  # one process of the encoder sweep
         return encoder_rates()
+    if sys.argv[1:2] == ["startup-stages"]:  # one process of the start-up sweep
+        return startup_stages()
     from capcli.allocator import keep_freed_memory
 
     keep_freed_memory()  # the workers and memory sweeps measure what the CLI does, allocator included
