@@ -2,9 +2,12 @@
 
     python benchmarks/precision.py                 # 32 Flickr8k dev images (or examples/ variants), greedy
     python benchmarks/precision.py --images 16 --beams 3
+    python benchmarks/precision.py --split ../shared/data/flickr8k/dev.txt --only "and down_proj"   # dev metrics
 
 For each setting: seconds to caption the images (encoder + decoding, after one warm-up batch), the speed-up
 over fp32, and how many captions are identical to fp32's. Writes benchmarks/results/precision-<machine>.md.
+With --split, the chosen settings and fp32 each caption that Flickr8k split with the model's default decoding
+instead, and are scored against its references (what `auto` must hold: README "Performance").
 Settings: torch.ao dynamic int8 of every Linear but the LM head (and of the MLPs only, the attention only;
 with per-channel weight scales, also without the MLPs' down projections), and torchao's int8 weight-only
 and dynamic int8 configs (needs `pip install torchao`). (bf16 is left out: on a CPU without AVX-512 BF16 a
@@ -88,7 +91,10 @@ def main() -> None:
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated substrings of the settings to run")
+    parser.add_argument("--split", help="score the settings on this Flickr8k split instead (default decoding)")
     args = parser.parse_args()
+    if args.split:
+        return dev_metrics(Path(args.split), args.only)
 
     torch.manual_seed(0)
     captioner = Captioner.load(None, device="cpu")
@@ -107,9 +113,7 @@ def main() -> None:
     reference, base_seconds = timed(fp32)
     rows = [("fp32 (today)", base_seconds, len(reference), reference[0])]
     print(f"fp32: {base_seconds:.2f} s", flush=True)
-    for name, convert in SETTINGS.items():
-        if args.only and not any(part in name for part in args.only.split(",")):
-            continue
+    for name, convert in chosen(args.only).items():
         captions, seconds = timed(convert(copy.deepcopy(fp32)))
         same = sum(a == b for a, b in zip(reference, captions))
         rows.append((name, seconds, same, captions[0]))
@@ -125,6 +129,34 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / "precision-cpu.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+def chosen(only: str) -> dict:
+    return {name: convert for name, convert in SETTINGS.items()
+            if not only or any(part in name for part in only.split(","))}
+
+
+def dev_metrics(split: Path, only: str) -> None:
+    """BLEU-4 and CIDEr of fp32 and each chosen setting on the split, and how many captions each changes."""
+    from capcli.data import load_captions
+    from capcli.evaluate import score
+
+    captioner = Captioner.load(None, device="cpu")
+    references = load_captions(DEV, split)
+    refs = {str(p): c for p, c in references.captions.items()}
+    fp32 = captioner.model.lm.model
+    baseline = None
+    for name, convert in {"fp32 (today)": None, **chosen(only)}.items():
+        captioner.model.lm.model = fp32 if convert is None else convert(copy.deepcopy(fp32))
+        started = time.perf_counter()
+        captions = {str(p): c.captions[0] for p, c in captioner.caption_paths(references.images, captioner.settings())
+                    if not isinstance(c, Exception)}
+        seconds = time.perf_counter() - started
+        metrics, _, _ = score(captions, refs)
+        baseline = baseline or captions
+        same = sum(captions[k] == baseline[k] for k in captions)
+        print(f"{name}: {len(captions)} images of {split.name} in {seconds:.0f} s, BLEU-4 {metrics['BLEU-4']:.3f}, "
+              f"CIDEr {metrics['CIDEr']:.3f}, {same}/{len(captions)} captions as fp32's", flush=True)
 
 
 if __name__ == "__main__":
