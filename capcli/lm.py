@@ -145,7 +145,6 @@ def _converted(digest: str, gguf: Callable[[], Path], log: Log) -> Path:
 def _convert_gguf(gguf: Path, folder: Path, log: Log) -> None:
     """Dequantize once into a safetensors folder; a rename makes it appear whole or not at all."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -155,11 +154,7 @@ def _convert_gguf(gguf: Path, folder: Path, log: Log) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        save_file(_stored_once(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)  # the weights are plain floats now
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tokenizer.save_pretrained(str(tmp))
+        _write_folder(model, tokenizer, tmp)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first: keep theirs
@@ -167,6 +162,17 @@ def _convert_gguf(gguf: Path, folder: Path, log: Log) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_folder(model, tokenizer, folder: Path) -> None:
+    """The LM as a local model folder that from_pretrained loads: weights, config, tokenizer."""
+    from safetensors.torch import save_file
+
+    save_file(_stored_once(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are plain floats now
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(folder))
 
 
 def _stored_once(state: dict) -> dict:
