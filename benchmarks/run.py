@@ -123,7 +123,8 @@ def bench_caption(captioner, paths, batch_size, naive_count) -> dict:
     results = {}
     list(captioner.caption_paths(paths[:2], captioner.settings(beams=1), batch_size))  # warm-up
     for beams in (1, 3):
-        settings = captioner.settings(beams=beams, no_repeat_ngram_size=0)  # the reference decoders have no n-gram block
+        # The reference decoders neither block repeated n-grams nor forbid the words for absent things.
+        settings = captioner.settings(beams=beams, no_repeat_ngram_size=0, forbid_absent=False)
         ours, ours_s = timed(lambda: [c.captions[0] for _, c in captioner.caption_paths(paths, settings, batch_size)])
         single, single_s = timed(per_image_generate, captioner, paths, settings)
         few = paths[:naive_count]

@@ -6,9 +6,10 @@
 - workers: extract with 0, 1 and 2 decoding workers, on a small and a larger job (-> features.SMALL_JOB);
 - caption: images/s of captioning at batch 16, 12 and 8, greedy and beam 3 (-> the CPU caption batch);
 - memory: RSS after each stage of loading the default model and captioning a batch;
-- startup: seconds of each stage of a one-image caption (imports, encoder, LM, the caption), in fresh processes.
+- startup: seconds of each stage of a one-image caption (imports, encoder, LM, the caption), in fresh processes;
+- absent: images/s of the default decoding with and without --forbid-absent, alternating (-> its cost).
 
-    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory] [startup]   (all by default; about 7 minutes)
+    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory] [startup] [absent]   (all by default; about 10 minutes)
 """
 
 from __future__ import annotations
@@ -117,6 +118,27 @@ def caption_sweep() -> None:
         print(f"caption 48 images, beams {beams}: images/s by batch size (two runs) {rates}", flush=True)
 
 
+def absent_sweep(rounds: int = 3) -> None:
+    """Images/s of captioning 48 images with the default model's decoding, with the words for absent things
+    forbidden and without, alternating so that the machine's drift falls on both."""
+    from capcli.pipeline import Captioner
+
+    captioner = Captioner.load(device="cpu")
+    paths = images(48)
+    list(captioner.caption_paths(paths[:4], captioner.settings(), 4, 0))  # warm-up
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    captions: dict[bool, list[str]] = {}
+    for _ in range(rounds):
+        for forbid in (True, False):
+            started = time.perf_counter()
+            done = list(captioner.caption_paths(paths, captioner.settings(forbid_absent=forbid), 16, 0))
+            rates[forbid].append(round(len(paths) / (time.perf_counter() - started), 2))
+            captions[forbid] = [c.captions[0] for _, c in done]
+    same = sum(a == b for a, b in zip(captions[True], captions[False]))
+    print(f"caption 48 images, default decoding: images/s with --forbid-absent {rates[True]}, without "
+          f"{rates[False]}; {same}/48 captions the same", flush=True)
+
+
 def memory_sweep() -> None:
     def stage(name: str) -> None:
         now, peak = rss_mb()
@@ -188,7 +210,7 @@ def startup_stages() -> None:
 def main() -> None:
     warnings.filterwarnings("ignore")
     sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "caption": caption_sweep, "memory": memory_sweep,
-              "startup": startup_sweep}
+              "startup": startup_sweep, "absent": absent_sweep}
     if sys.argv[1:2] == ["encoder-rates"]:  # one process of the encoder sweep
         return encoder_rates()
     if sys.argv[1:2] == ["startup-stages"]:  # one process of the start-up sweep

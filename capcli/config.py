@@ -147,6 +147,8 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     seed: int | None = None
     label_bonus: float = 0.0  # grounded models: added to the logit of each label's first token
+    forbid_absent: bool = False  # no words for what the model's absence check says a photo does not show
+    people_threshold: float = 0.5  # with forbid_absent: people are absent below this probability
     neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
     candidates: int = 5  # with a memory: captions decoded (beam search's N best) before the vote
 
@@ -161,6 +163,8 @@ class GenerationSettings:
             raise CapcliError("--num-captions N needs --sample or --beams >= N")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise CapcliError("--temperature must be > 0 and --top-p in (0, 1]")
+        if not 0 <= self.people_threshold <= 1:
+            raise CapcliError("--people-threshold must lie between 0 and 1")
         if self.neighbours < 1 or self.candidates < 1:
             raise CapcliError("--neighbours and --candidates must be at least 1")
         return self

@@ -128,6 +128,12 @@ def phrase_table(words_by_value: dict[str | None, list[str]]) -> dict[tuple[str,
     return table
 
 
+def noun_words(noun: str) -> list[str]:
+    """The words a caption may name a noun of the vocabulary with: itself, its synonyms, and their plurals."""
+    words = [noun, *SYNONYMS.get(noun, [])]
+    return list(dict.fromkeys(words + [plural(w) for w in words]))
+
+
 @functools.lru_cache(maxsize=1)
 def _noun_matcher() -> PhraseMatcher:
     words = {noun: [noun] for noun in vocabulary()}
@@ -198,8 +204,12 @@ class Labeler:
         self.nouns = vocabulary()
         self.top, self.min_score = top, min_score
 
+    def scores(self, logits):
+        """(B, V): each noun's summed class probability."""
+        return logits.float().softmax(-1) @ self.matrix.to(logits.device)
+
     def __call__(self, logits) -> list[list[tuple[str, float]]]:
-        scores = logits.float().softmax(-1) @ self.matrix.to(logits.device)  # (B, V)
+        scores = self.scores(logits)  # (B, V)
         values, indices = scores.topk(min(self.top, scores.shape[1]), dim=-1)
         return [[(self.nouns[j], round(float(v), 4)) for v, j in zip(vs.tolist(), js.tolist()) if v >= self.min_score]
                 for vs, js in zip(values, indices)]

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from capcli.absent import ABSENT_FILE, AbsenceCheck, compound_nouns
 from capcli.config import GenerationSettings, ModelConfig
 from capcli.devices import autocast, resolve_device
 from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
@@ -143,21 +144,29 @@ class CaptionModel(nn.Module):
         return torch.stack(rows), torch.stack(masks)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, settings: GenerationSettings,
-                 labels: list[list[str]] | None = None) -> list[list[str]]:
+    def generate(self, features: torch.Tensor, settings: GenerationSettings, labels: list[list[str]] | None = None,
+                 bans: WordBans | None = None) -> list[list[str]]:
         """Batched decoding with a KV cache (transformers' generate): K captions for each of B images.
-        A grounded model names `labels` (per image) in its prompt. Never returns an empty caption: images
-        whose caption came out empty are decoded again with the end of text forbidden for a few tokens."""
+        A grounded model names `labels` (per image) in its prompt; `bans` holds, per image, words the captions
+        may not contain. Never returns an empty caption: images whose caption came out empty are decoded
+        again with the end of text forbidden for a few tokens."""
         context = self.context_ids(labels, features.shape[0])
-        captions = self._decode(features, context, settings, labels)
+        captions = self._decode(features, context, settings, labels, bans)
         empty = [i for i, texts in enumerate(captions) if not all(texts)]
         if empty:
             least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
             longer = dataclasses.replace(settings, min_new_tokens=least)
             rows = [labels[i] for i in empty] if labels else None
-            for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer, rows)):
+            some_bans = bans.rows(empty) if bans else None
+            for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer, rows,
+                                                    some_bans)):
                 captions[i] = [old or new for old, new in zip(captions[i], texts)]
         return captions
+
+    def word_tokens(self, words: list[str]) -> list[list[int]]:
+        """Each word's token ids as it follows a space inside a caption, lower case and capitalized."""
+        spelled = dict.fromkeys(" " + form for w in words for form in (w, w[:1].upper() + w[1:]))
+        return self.lm.tokenizer(list(spelled), add_special_tokens=False).input_ids
 
     def _label_tokens(self, labels: list[list[str]]) -> list[list[int]]:
         """Per image, the first token of each label word as it would follow a space, singular and plural."""
@@ -168,13 +177,13 @@ class CaptionModel(nn.Module):
                 for row in words]
 
     def _decode(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                labels: list[list[str]] | None = None) -> list[list[str]]:
-        texts = self.texts(self._generate(features, context, settings, labels))
+                labels: list[list[str]] | None = None, bans: WordBans | None = None) -> list[list[str]]:
+        texts = self.texts(self._generate(features, context, settings, labels, bans))
         k = settings.num_captions
         return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
 
     def _generate(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                  labels: list[list[str]] | None = None) -> torch.Tensor:
+                  labels: list[list[str]] | None = None, bans: WordBans | None = None) -> torch.Tensor:
         """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens)."""
         from transformers import GenerationConfig
 
@@ -183,6 +192,8 @@ class CaptionModel(nn.Module):
         processors = []
         if settings.label_bonus and labels:
             processors.append(_LabelBonus(self._label_tokens(labels), settings.label_bonus))
+        if bans and any(bans.forbidden):
+            processors.append(_ForbiddenWords(bans.forbidden, bans.allowed))
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
             num_beams=settings.beams, do_sample=settings.sample, num_return_sequences=settings.num_captions,
@@ -216,6 +227,59 @@ class _LabelBonus:
 
 
 @dataclasses.dataclass
+class WordBans:
+    """Per image, token sequences (words) its captions may not contain, and compound words that stay allowed
+    although they end in a forbidden word ("hot dog" where "dog" is forbidden)."""
+
+    forbidden: list[list[list[int]]]
+    allowed: list[list[list[int]]]
+
+    def rows(self, images: list[int]) -> "WordBans":
+        return WordBans([self.forbidden[i] for i in images], [self.allowed[i] for i in images])
+
+
+class _ForbiddenWords:
+    """A logits processor: per image, token sequences that may not be generated (as transformers'
+    `bad_words_ids`, which holds one list for the whole batch): a sequence's last token is forbidden where the
+    tokens before it were just generated. `allowed` sequences lift that again for their last token after
+    their own first tokens: "hot dog" stays possible where "dog" is forbidden."""
+
+    def __init__(self, forbidden: list[list[list[int]]], allowed: list[list[list[int]]] | None = None):
+        self.forbidden = [self._group(sequences) for sequences in forbidden]
+        self.allowed = [self._group(sequences) for sequences in (allowed or [[] for _ in forbidden])]
+
+    @staticmethod
+    def _group(sequences: list[list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Length of the head (tokens before the last) -> (heads (S, n), last tokens (S,))."""
+        by_length: dict[int, list[list[int]]] = {}
+        for sequence in sequences:
+            by_length.setdefault(len(sequence) - 1, []).append(sequence)
+        return {n: (torch.tensor([s[:-1] for s in group], dtype=torch.long).reshape(len(group), n),
+                    torch.tensor([s[-1] for s in group], dtype=torch.long)) for n, group in by_length.items()}
+
+    @staticmethod
+    def _mark(mask: torch.Tensor, recent: torch.Tensor, groups: dict, value: bool) -> None:
+        """Set mask[row, last] = value for each sequence whose head the row's latest tokens match."""
+        for n, (heads, lasts) in groups.items():
+            lasts = lasts.to(mask.device)
+            if n == 0:
+                mask[:, lasts] = value
+            elif recent.shape[1] >= n:
+                hit = (recent[:, -n:][:, None, :] == heads.to(recent.device)[None]).all(-1)  # (R, S)
+                rows, which = hit.nonzero(as_tuple=True)
+                mask[rows, lasts[which]] = value
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows_per_image = scores.shape[0] // len(self.forbidden)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        for image, (forbidden, allowed) in enumerate(zip(self.forbidden, self.allowed)):
+            rows = slice(image * rows_per_image, (image + 1) * rows_per_image)
+            self._mark(mask[rows], input_ids[rows], forbidden, True)
+            self._mark(mask[rows], input_ids[rows], allowed, False)
+        return scores.masked_fill(mask, -float("inf"))
+
+
+@dataclasses.dataclass
 class Captioned:
     """One image's captions, and the nouns its encoder's classifier sees (with labels or a grounded model)."""
 
@@ -233,6 +297,12 @@ class Captioner:
         self.precision = precision  # autocast while captioning: see devices.autocast
         self.defaults = GenerationSettings().updated(**model.config.generation)
         self.labeler = Labeler()
+        self.absence = None  # what photos do not show (capcli.absent), when the model dir has the check
+        if model_dir is not None and (model_dir / ABSENT_FILE).is_file():
+            self.absence = AbsenceCheck.load(model_dir / ABSENT_FILE, model.config.feature_dim)
+            if self.absence.people is not None:
+                self.absence.people.to(device)
+        self._word_ids: dict[str, list[list[int]]] = {}  # a word's token ids, lower case and capitalized
         self.memory = None  # capcli.memory.Memory: similar images' captions pick among candidates
         own = model_dir / MEMORY_DIR if model_dir is not None else None
         if own is not None and own.is_dir():
@@ -284,18 +354,46 @@ class Captioner:
         with autocast(self.device, self.precision):
             grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
             pooled = grid.mean(1)  # (B, D)
-            labels = self.labeler(self.encoder.classify(pooled)) if with_labels or grounding else None
+            named_objects = with_labels or grounding is not None  # these need the head (classify says so)
+            has_head = self.encoder.head is not None
+            logits = self.encoder.classify(pooled) if named_objects or (settings.forbid_absent and has_head) else None
+            labels = self.labeler(logits) if named_objects else None
             named = [confident(row, grounding) for row in labels] if grounding else None
             features = grid if self.model.config.uses_grid else pooled
+            bans = self._bans(pooled, logits, settings)
             if self.memory is None:
-                captions, neighbours = self.model.generate(features.float(), settings, named), None
+                captions, neighbours = self.model.generate(features.float(), settings, named, bans), None
             else:
-                captions, neighbours = self._vote(features.float(), pooled, settings, named)
+                captions, neighbours = self._vote(features.float(), pooled, settings, named, bans)
         return [Captioned(c, labels[i] if with_labels else None, neighbours[i] if neighbours else None)
                 for i, c in enumerate(captions)]
 
+    def _bans(self, pooled: torch.Tensor, logits: torch.Tensor | None, settings: GenerationSettings) -> WordBans | None:
+        """With settings.forbid_absent: per image, the words for what it does not show."""
+        if not settings.forbid_absent:
+            return None
+        if self.absence is None:
+            raise ModelError(f"{self.model_dir or 'this model'} has no absence check ({ABSENT_FILE}); train it "
+                             f"again with this capcli, or leave out --forbid-absent")
+        scores = self.labeler.scores(logits) if logits is not None else None
+        absent = self.absence.absent(pooled, scores, settings.people_threshold)
+        forbidden, allowed = [], []
+        for row in absent:
+            words = {w for thing in row for w in self.absence.words(thing)}
+            # Compound nouns that end in a forbidden word but name something else ("hot dog", "teddy bear").
+            compounds = [c for c in compound_nouns() if c.split()[-1] in words and c not in words]
+            forbidden.append(self._tokens(sorted(words)))
+            allowed.append(self._tokens(compounds))
+        return WordBans(forbidden, allowed)
+
+    def _tokens(self, words: list[str]) -> list[list[int]]:
+        missing = [w for w in words if w not in self._word_ids]
+        if missing:
+            self._word_ids.update(zip(missing, (self.model.word_tokens([w]) for w in missing)))
+        return [ids for w in words for ids in self._word_ids[w]]
+
     def _vote(self, features: torch.Tensor, pooled: torch.Tensor, settings: GenerationSettings,
-              named: list[list[str]] | None) -> tuple[list[list[str]], list]:
+              named: list[list[str]] | None, bans: WordBans | None) -> tuple[list[list[str]], list]:
         """Decode `candidates` captions per image (beam search's N best, or N samples) and order them by how
         much the nearest images' captions agree with each (CIDEr-D); keep the best `num_captions`."""
         wide = max(settings.candidates, settings.num_captions)
@@ -303,7 +401,7 @@ class Captioner:
                                        beams=settings.beams if settings.sample else max(settings.beams, wide))
         neighbours = self.memory.nearest(pooled, settings.neighbours)
         ordered = []
-        for candidates, near in zip(self.model.generate(features, decoding, named), neighbours):
+        for candidates, near in zip(self.model.generate(features, decoding, named, bans), neighbours):
             unique = list(dict.fromkeys(candidates))
             votes = self.memory.consensus(unique, near)
             ranked = [c for _, c in sorted(zip(votes, unique), key=lambda pair: -pair[0])]

@@ -29,6 +29,7 @@ from capcli.errors import CapcliError
 from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
 from capcli.grounding import classifier_labels, training_example
+from capcli.absent import ABSENT_FILE, AbsenceCheck
 from capcli.pipeline import CaptionModel
 from capcli.reporting import Reporter, sigterm_interrupts
 from capcli.scst import SelfCritical
@@ -173,7 +174,28 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         run.config.save(run.out / modeldir.CONFIG_FILE)
+        _write_absence_check(run.out, train_set, run.encoder, report)
     return state
+
+
+def _write_absence_check(out: Path, data: FeatureSet, encoder, report: Reporter) -> None:
+    """Fit what tells that a photo does not show something (capcli.absent) on the training photos: seconds."""
+    from capcli.labels import Labeler
+
+    captions: list[list[str]] = [[] for _ in data.images]
+    for (image, _), text in zip(data.pairs, data.texts):
+        captions[image].append(text)
+    pooled = data.features.float() if data.features.dim() == 2 else data.features.float().mean(1)
+    pooled = pooled.cpu()
+    scores = None
+    if encoder.head is not None:
+        labeler = Labeler()
+        with torch.no_grad():
+            scores = torch.cat([labeler.scores(encoder.classify(chunk)).cpu() for chunk in pooled.split(1024)])
+    check = AbsenceCheck.fit(pooled, scores, captions)
+    check.save(out / ABSENT_FILE)
+    report.line("absence check: " + ("a people probe" if check.people else "no people probe (the captions all "
+                "name people, or none does)") + (f"; floors for {', '.join(check.floors)}" if check.floors else ""))
 
 
 def _units(data: FeatureSet, settings: TrainSettings) -> int:

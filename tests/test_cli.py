@@ -124,8 +124,8 @@ def test_extract_then_train_reuses_the_feature_cache(shapes_data, tiny_lm, tmp_p
                                  "--prefix-length", "2", "--hidden-size", "8"])
     assert result.exit_code == 0, result.output
     assert "epoch 1" in result.stderr
-    assert sorted(p.name for p in model.iterdir()) == ["checkpoint.pt", "config.json", "loss_curve.png",
-                                                        "mapper.safetensors", "train_log.jsonl"]
+    assert sorted(p.name for p in model.iterdir()) == ["absent.safetensors", "checkpoint.pt", "config.json",
+                                                        "loss_curve.png", "mapper.safetensors", "train_log.jsonl"]
 
 
 def test_an_output_that_cannot_be_written_stops_with_a_clear_error(tiny_model, tmp_path):
