@@ -310,9 +310,7 @@ def caption(
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, forbid_absent=forbid_absent,
-                    people_threshold=people_threshold,
-                    neighbours=neighbours,
-                    candidates=candidates)
+                    people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
                                   embed, sidecar_dir, caption_prefix, caption_suffix, join, memory or [],
@@ -352,9 +350,7 @@ def evaluate(
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, forbid_absent=forbid_absent,
-                    people_threshold=people_threshold,
-                    neighbours=neighbours,
-                    candidates=candidates)
+                    people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
                                        device.value, encoder_weights, memory or [], memory_mode.value,
                                        precision.value), reporter)

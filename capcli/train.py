@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from capcli import modeldir
+from capcli.absent import ABSENT_FILE, AbsenceCheck
 from capcli.config import GenerationSettings, ModelConfig
 from capcli.data import CaptionSet
 from capcli.devices import autocast
@@ -29,7 +30,6 @@ from capcli.errors import CapcliError
 from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
 from capcli.grounding import classifier_labels, training_example
-from capcli.absent import ABSENT_FILE, AbsenceCheck
 from capcli.pipeline import CaptionModel
 from capcli.reporting import Reporter, sigterm_interrupts
 from capcli.scst import SelfCritical
@@ -185,8 +185,8 @@ def _write_absence_check(out: Path, data: FeatureSet, encoder, report: Reporter)
     captions: list[list[str]] = [[] for _ in data.images]
     for (image, _), text in zip(data.pairs, data.texts):
         captions[image].append(text)
-    pooled = data.features.float() if data.features.dim() == 2 else data.features.float().mean(1)
-    pooled = pooled.cpu()
+    features = data.features.cpu()
+    pooled = features.float() if features.dim() == 2 else features.mean(1, dtype=torch.float32)  # no fp32 grid copy
     scores = None
     if encoder.head is not None:
         labeler = Labeler()
