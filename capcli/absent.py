@@ -63,23 +63,27 @@ def compound_nouns() -> tuple[str, ...]:
     return tuple(dict.fromkeys(f for w in words if " " in w for f in (w, plural(w))))
 
 
+@functools.lru_cache(maxsize=1)
+def columns() -> dict[str, int]:
+    """The column of each noun of the label vocabulary in noun scores, then of "animal" (with_animal_scores)."""
+    return {noun: j for j, noun in enumerate([*vocabulary(), ANIMAL])}
+
+
 def noun_shares(captions: list[str]) -> torch.Tensor:
     """(V + 1,) the share of a photo's captions that name each noun of the label vocabulary, then any animal."""
-    index = {noun: j for j, noun in enumerate(vocabulary())}
     animals = set(animal_nouns())
-    shares = torch.zeros(len(index) + 1)
+    shares = torch.zeros(len(columns()))
     for caption in captions:
         nouns = {m.noun for m in find_nouns(caption)}
         for noun in nouns:
-            shares[index[noun]] += 1 / len(captions)
-        shares[-1] += bool(nouns & animals) / len(captions)
+            shares[columns()[noun]] += 1 / len(captions)
+        shares[columns()[ANIMAL]] += bool(nouns & animals) / len(captions)
     return shares
 
 
 def with_animal_scores(noun_scores: torch.Tensor) -> torch.Tensor:
     """(B, V) noun scores -> (B, V + 1): the last column is the summed score of the animal nouns."""
-    index = {noun: j for j, noun in enumerate(vocabulary())}
-    animal = noun_scores[:, [index[n] for n in animal_nouns()]].sum(1, keepdim=True)
+    animal = noun_scores[:, [columns()[n] for n in animal_nouns()]].sum(1, keepdim=True)
     return torch.cat([noun_scores, animal], dim=1)
 
 
@@ -138,7 +142,7 @@ class AbsenceCheck:
         if noun_scores is not None:
             scores = with_animal_scores(noun_scores)  # (I, V + 1)
             shown = torch.stack([noun_shares(c) for c in captions]) >= 0.5  # (I, V + 1)
-            for j, noun in enumerate([*vocabulary(), ANIMAL]):
+            for noun, j in columns().items():
                 if shown[:, j].sum() >= MIN_PHOTOS:
                     floors[noun] = round(float(torch.quantile(scores[shown[:, j], j], FLOOR_QUANTILE)), 6)
         return cls(people, floors)
@@ -152,24 +156,24 @@ class AbsenceCheck:
                     row.append(PERSON)
         if noun_scores is not None and self.floors:
             scores = with_animal_scores(noun_scores)
-            index = {noun: j for j, noun in enumerate([*vocabulary(), ANIMAL])}
             for noun, floor in self.floors.items():
-                for row, score in zip(rows, scores[:, index[noun]].tolist()):
+                for row, score in zip(rows, scores[:, columns()[noun]].tolist()):
                     if score < floor:
                         row.append(noun)
         return rows
 
     @staticmethod
-    def words(thing: str) -> list[str]:
+    @functools.lru_cache(maxsize=None)
+    def words(thing: str) -> tuple[str, ...]:
         """The words a caption could name it with: the label vocabulary's, and the object metrics' (with
         their plurals) where the noun is also a COCO category ("terrier", "hound" for dog)."""
         if thing == PERSON:
-            return person_words()
+            return tuple(person_words())
         if thing == ANIMAL:
             words = [w for noun in animal_nouns() for w in AbsenceCheck.words(noun)]
-            return list(dict.fromkeys(words + ["animal", "animals", "creature", "creatures"]))
+            return tuple(dict.fromkeys(words + ["animal", "animals", "creature", "creatures"]))
         coco = categories().get(thing, [])
-        return list(dict.fromkeys(noun_words(thing) + coco + [plural(w) for w in coco]))
+        return tuple(dict.fromkeys(noun_words(thing) + coco + [plural(w) for w in coco]))
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save as save_safetensors
@@ -192,7 +196,7 @@ class AbsenceCheck:
                 floors = json.loads((f.metadata() or {})["floors"])
         except (SafetensorError, OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{path}: not a readable absence check ({type(exc).__name__}: {exc})") from None
-        unknown = sorted(set(floors) - {*vocabulary(), ANIMAL})
+        unknown = sorted(set(floors) - set(columns()))
         if unknown:
             raise ModelError(f"{path}: floor for {unknown[0]!r}, a noun this capcli's label vocabulary lacks")
         people = None
