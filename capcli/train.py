@@ -31,7 +31,7 @@ from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
 from capcli.grounding import classifier_labels, training_example
 from capcli.pipeline import CaptionModel
-from capcli.reporting import Reporter, sigterm_interrupts
+from capcli.reporting import Reporter, interrupts_deferred, sigterm_interrupts
 from capcli.scst import SelfCritical
 
 
@@ -118,7 +118,8 @@ def fit(run: TrainRun, report: Reporter = Reporter()) -> dict:
 
     def save():
         if main:
-            _save(run.out, state, run.settings)
+            with interrupts_deferred():
+                _save(run.out, state, run.settings)
 
     record: dict = {}
     started = time.monotonic()
@@ -366,8 +367,9 @@ def _end_of_epoch(model, train_set, val_set, epoch, step, settings, device, star
             captions = model.generate(shown.features[picks].to(device).float(), GenerationSettings(max_new_tokens=24),
                                       labels)
         record["samples"] = {shown.images[i].name: c[0] for i, c in zip(picks, captions)}
-    _log(out, record)
-    plot_loss_curve(out)
+    with interrupts_deferred():
+        _log(out, record)
+        plot_loss_curve(out)
     summary = f"epoch {epoch}: step {step}" + (f", val loss {record['val_loss']:.3f}" if "val_loss" in record else "")
     report.line(summary)
     for name, caption in record.get("samples", {}).items():

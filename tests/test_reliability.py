@@ -3,6 +3,7 @@ and leaves no half-written file."""
 
 import errno
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 import capcli.output
 from capcli.cli import app
+from capcli.reporting import interrupts_deferred, sigterm_interrupts
 
 CAPCLI = [sys.executable, "-m", "capcli"]
 
@@ -126,3 +128,18 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_written_records(tiny_mod
     result = runner.invoke(app, ["caption", str(images[0]), "--model", str(tiny_model), "--sidecar", ".txt"])
     assert result.exit_code == 2 and "No space left on device" in result.stderr
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == sorted(p.name for p in images)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_a_write_that_must_not_stop_halfway_interrupts_after_it(stop):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    written = []
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_interrupts():
+            with interrupts_deferred():
+                os.kill(os.getpid(), stop)
+                written.append("the last line")
+            written.append("after the block")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert written == ["the last line"]
