@@ -171,7 +171,7 @@ class AbsenceCheck:
             return tuple(person_words())
         if thing == ANIMAL:
             words = [w for noun in animal_nouns() for w in AbsenceCheck.words(noun)]
-            return tuple(dict.fromkeys(words + ["animal", "animals", "creature", "creatures"]))
+            return tuple(dict.fromkeys(words + ["animal", "animals", "creature", "creatures", "pet", "pets"]))
         coco = categories().get(thing, [])
         return tuple(dict.fromkeys(noun_words(thing) + coco + [plural(w) for w in coco]))
 
