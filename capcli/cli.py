@@ -227,6 +227,7 @@ def train(
     grounded: Annotated[bool, typer.Option("--grounded", help="Name what the encoder's classifier sees in the prompt (trained on the captions' own nouns).")] = False,
     label_drop: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of leaving out each of a caption's nouns.")] = 0.4,
     label_swap: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of swapping a noun for another of its kind (dog -> cat) in labels and caption.")] = 0.2,
+    retrieval: Annotated[bool, typer.Option("--retrieval", help="Put similar training images' captions in the prompt; the training set becomes the model's memory.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Start from this model dir's mapper weights (same encoder, LM and sizes).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the captions [default: 5; with --resume: the run's own].")] = None,
     objective: Annotated[Optional[Objective], typer.Option(help="xent: cross-entropy on the captions; cider: self-critical fine-tuning of the --init model, rewarding sampled captions' CIDEr-D [default: xent].")] = None,
@@ -244,7 +245,7 @@ def train(
     *, reporter: Reporter,
 ):
     """Train a prefix mapper from cached features (extracting what is missing first)."""
-    from capcli.config import GroundingConfig
+    from capcli.config import GroundingConfig, RetrievalConfig
     from capcli.jobs import train_job
 
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
@@ -254,7 +255,8 @@ def train(
     train_job(TrainJob(
         data, out, split, val_split, features, encoder, encoder_weights, lm, mapper and mapper.value, prefix_length,
         hidden_size, num_layers, prompt, GroundingConfig(drop=label_drop, swap=label_swap) if grounded else None,
-        {k: v for k, v in settings.items() if v is not None}, resume, device.value), reporter)
+        RetrievalConfig() if retrieval else None, {k: v for k, v in settings.items() if v is not None}, resume,
+        device.value), reporter)
 
 
 @app.command()

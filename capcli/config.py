@@ -40,6 +40,29 @@ class GroundingConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Similar images' captions in the prompt, before the prefix (as SmallCap, Ramos et al. 2023, does):
+    "Similar images: a dog runs. A dog jumps." then the prefix (and the labels of a grounded model), then the
+    caption. They come from a memory (capcli.memory): the captions of the `neighbours` most similar images,
+    ranked by how much they agree with each other. Training leaves each image's own captions out and draws
+    `captions` of the best `pool`, so that the model does not learn to copy one fixed hint."""
+
+    template: str = "Similar images: {captions}."  # {captions} is "a dog runs. A dog jumps"
+    captions: int = 3  # how many captions the prompt holds
+    neighbours: int = 10  # the most similar images whose captions are ranked
+    pool: int = 6  # training: the captions are drawn from this many of the best
+
+    def __post_init__(self):
+        if "{captions}" not in self.template:
+            raise ModelError("retrieval template must contain {captions}")
+        if not 1 <= self.captions <= self.pool or self.neighbours < 1:
+            raise ModelError("retrieval needs 1 <= captions <= pool and at least 1 neighbour")
+
+    def text(self, captions: list[str]) -> str:
+        return self.template.format(captions=". ".join(c.rstrip(" .") for c in captions))
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to rebuild a captioning model. Only the mapper's weights are saved beside it;
     the encoder and the language model are named (and fingerprinted) so a mismatch can be refused."""
@@ -59,6 +82,7 @@ class ModelConfig:
     dropout: float = 0.0
     prompt: str = ""
     grounding: GroundingConfig | None = None  # labels in the prompt; None: the prefix alone
+    retrieval: RetrievalConfig | None = None  # similar images' captions before the prefix; needs a memory
     encoder_weights: str | None = None  # the weights file trained with, if not the packaged or hub weights
     generation: dict = field(default_factory=dict)  # default decoding settings for this model
     training: dict = field(default_factory=dict)  # provenance: how it was trained
@@ -71,6 +95,8 @@ class ModelConfig:
             raise ModelError(f"prefix length must be at least 1, got {self.prefix_length}")
         if isinstance(self.grounding, dict):
             self.grounding = _strict(GroundingConfig, self.grounding, "grounding")
+        if isinstance(self.retrieval, dict):
+            self.retrieval = _strict(RetrievalConfig, self.retrieval, "retrieval")
         unknown = sorted(set(self.generation) - {f.name for f in dataclasses.fields(GenerationSettings)})
         if unknown:
             raise ModelError(f"unknown key 'generation.{unknown[0]}'")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, GroundingConfig, ModelConfig
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, GroundingConfig, ModelConfig, RetrievalConfig
 from capcli.errors import CapcliError, InputError
 from capcli.reporting import Reporter
 from capcli.shards import Shard, job_shard
@@ -97,7 +97,7 @@ def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
     from capcli.encoders import load_encoder
     from capcli.features import FeatureCache, extract
     from capcli.files import cache_dir
-    from capcli.memory import Memory
+    from capcli.memory import Memory, image_ids
 
     model_dir = modeldir.resolve_model_dir(job.model)
     config, _ = modeldir.read_model_dir(model_dir)
@@ -113,10 +113,9 @@ def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
     images = [p for p in captions.images if p in digests]
     if not images:
         raise CapcliError(f"{job.data}: no image could be encoded; nothing to remember")
-    root = job.data if job.data.is_dir() else job.data.parent
-    ids = [Path(os.path.relpath(p, root)).as_posix() for p in images]
     pooled = cache.load(encoder.encoder_id, [digests[p] for p in images], grid=False)
-    memory = Memory.from_features(encoder.encoder_id, ids, [captions.captions[p] for p in images], pooled)
+    memory = Memory.from_features(encoder.encoder_id, image_ids(images, job.data),
+                                  [captions.captions[p] for p in images], pooled)
     memory.save(job.out, {"model": str(model_dir), "data": str(job.data),
                           "split": str(job.split) if job.split else None})
     report.line(f"memory: {len(memory)} images, {sum(map(len, memory.captions))} captions in {job.out} "
@@ -142,6 +141,7 @@ class TrainJob:
     num_layers: int | None = None  # transformer layers; default 2
     prompt: str | None = None  # text between the prefix and the caption; default none
     grounding: GroundingConfig | None = None  # labels in the prompt (a new run only)
+    retrieval: RetrievalConfig | None = None  # similar images' captions in the prompt (a new run only)
     settings: dict = field(default_factory=dict)  # TrainSettings fields given; the rest: defaults or the run's
     resume: bool = False  # continue the run in `out` from its checkpoint
     device: str = "auto"
@@ -218,7 +218,8 @@ def _train_model(job: TrainJob, report: Reporter):
     return config, settings, checkpoint, encoder, lm
 
 
-MODEL_OPTIONS = ("encoder", "lm", "mapper", "prefix_length", "hidden_size", "num_layers", "prompt", "grounding")
+MODEL_OPTIONS = ("encoder", "lm", "mapper", "prefix_length", "hidden_size", "num_layers", "prompt", "grounding",
+                 "retrieval")
 
 
 def _tuned_config(job: TrainJob, settings, report: Reporter):
@@ -234,6 +235,9 @@ def _tuned_config(job: TrainJob, settings, report: Reporter):
         raise CapcliError(f"--{given[0].replace('_', '-')}: --objective cider keeps the model of --init; drop it")
     init = modeldir.resolve_model_dir(settings.init)
     config = ModelConfig.load(init / modeldir.CONFIG_FILE)
+    if config.retrieval is not None:
+        raise CapcliError(f"{init} puts similar images' captions in its prompt; --objective cider cannot tune such "
+                          f"a model yet")
     encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, job.encoder_weights))
     lm = load_lm(config.lm, log=report.line)
     return config, encoder, lm
@@ -245,7 +249,7 @@ def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
         encoder=encoder.name, encoder_id=encoder.encoder_id, feature_dim=encoder.feature_dim,
         num_tokens=encoder.num_tokens, lm=job.lm or DEFAULT_LM, lm_id=lm.lm_id, lm_width=lm.width, mapper=mapper,
         prefix_length=job.prefix_length or 10, hidden_size=job.hidden_size or (1024 if mapper == "mlp" else 512),
-        num_layers=job.num_layers or 2, prompt=job.prompt or "", grounding=job.grounding,
+        num_layers=job.num_layers or 2, prompt=job.prompt or "", grounding=job.grounding, retrieval=job.retrieval,
         encoder_weights=str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None)
 
 

@@ -11,6 +11,7 @@ images; beyond that an approximate index (FAISS, hnswlib) would be needed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from capcli.files import atomic_write_bytes, atomic_write_text
 FEATURES_FILE = "features.safetensors"
 INDEX_FILE = "memory.json"
 FORMAT_VERSION = 1
+
+
+def image_ids(images: list[Path], data: Path) -> list[str]:
+    """Images' ids in a memory: their paths relative to the data set's folder (or the folder of its file)."""
+    root = data if data.is_dir() else data.parent
+    return [Path(os.path.relpath(p, root)).as_posix() for p in images]
 
 
 @dataclass
@@ -108,6 +115,25 @@ class Memory:
         scores, rows = (query @ self.features.float().T).topk(min(k, len(self)), dim=1)
         return [[Neighbour(self.images[j], round(float(s), 4), self.captions[j]) for s, j in zip(ss.tolist(), jj.tolist())]
                 for ss, jj in zip(scores, rows)]
+
+    def hints(self, pooled: torch.Tensor, neighbours: int, count: int,
+              exclude: list[int] | None = None) -> list[list[str]]:
+        """Per row of pooled (B, D): the captions of its `neighbours` most similar memory images, distinct, ranked
+        by their agreement with all of those captions (CIDEr-D), best `count` first. exclude: per row, a memory
+        row to leave out (in training, the image itself)."""
+        query = torch.nn.functional.normalize(pooled.float().cpu(), dim=1)
+        scores = query @ self.features.float().T  # (B, N)
+        if exclude is not None:
+            scores[torch.arange(len(exclude)), torch.tensor(exclude)] = -2.0  # below any cosine similarity
+        rows = scores.topk(min(neighbours, len(self) - (exclude is not None)), dim=1).indices.tolist()
+        ranked = []
+        for near in rows:
+            captions = [c for j in near for c in self.captions[j]]
+            references = self.cider().prepare(captions)
+            distinct = list(dict.fromkeys(captions))
+            votes = [self.cider().score(c, references) for c in distinct]
+            ranked.append([c for _, c in sorted(zip(votes, distinct), key=lambda pair: -pair[0])][:count])
+        return ranked
 
     def consensus(self, candidates: list[str], neighbours: list[Neighbour]) -> list[float]:
         """Each candidate's CIDEr-D against the neighbours' captions: how much they agree with it."""

@@ -30,7 +30,7 @@ from capcli.errors import CapcliError
 from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
 from capcli.grounding import classifier_labels, training_example
-from capcli.pipeline import CaptionModel
+from capcli.pipeline import MEMORY_DIR, CaptionModel
 from capcli.reporting import Reporter, interrupts_deferred, sigterm_interrupts
 from capcli.scst import SelfCritical
 
@@ -81,6 +81,7 @@ class FeatureSet:
     images: list[Path]
     texts: list[str]  # the caption of each pair, for grounded training
     labels: list[list[str]] | None = None  # per image, the classifier's confident nouns (grounded models)
+    hints: list[list[str]] | None = None  # per image, similar training images' captions, best first (retrieval)
 
 
 @dataclass
@@ -145,6 +146,8 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
     with accelerator.main_process_first():  # the main process fills the cache; the others then just read it
         train_set = _features(run.train, model, run, device, report, "train")
         val_set = _features(run.val, model, run, device, report, "val") if run.val else None
+    if run.config.retrieval is not None:
+        _add_hints(train_set, val_set, run, accelerator.is_main_process, report)
     run.config.training = {**dataclasses.asdict(settings), "train_images": len(train_set.images),
                            "train_captions": len(train_set.pairs), "data": str(run.train.source)}
     trainable = [p for p in model.mapper.parameters() if p.requires_grad]
@@ -179,6 +182,38 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
     return state
 
 
+def _add_hints(train_set: FeatureSet, val_set: FeatureSet | None, run: TrainRun, main: bool, report: Reporter) -> None:
+    """Retrieval: the training set becomes the model's memory (written into the model dir by the main
+    process), and each image gets its hints from it, leaving out its own captions."""
+    from capcli.memory import Memory, image_ids
+
+    captions: list[list[str]] = [[] for _ in train_set.images]
+    for (image, _), text in zip(train_set.pairs, train_set.texts):
+        captions[image].append(text)
+    memory = Memory.from_features(run.encoder.encoder_id, image_ids(train_set.images, Path(run.train.source)),
+                                  captions, _pooled(train_set.features))
+    if main:
+        memory.save(run.out / MEMORY_DIR, {"data": str(run.train.source), "made_by": "capcli train"})
+    retrieval = run.config.retrieval
+    report.line(f"retrieval: ranking the captions of each image's {retrieval.neighbours} most similar training "
+                f"images")
+    for data, own in [(train_set, True), (val_set, False)]:
+        if data is None:
+            continue
+        pooled = _pooled(data.features)
+        data.hints = []
+        for start in range(0, len(pooled), 1024):
+            chunk = pooled[start: start + 1024]
+            exclude = list(range(start, start + len(chunk))) if own else None
+            data.hints += memory.hints(chunk, retrieval.neighbours, retrieval.pool, exclude)
+
+
+def _pooled(features: torch.Tensor) -> torch.Tensor:
+    """(I, D) pooled features from pooled or grid (I, N, D) ones, without a float32 copy of a grid."""
+    features = features.cpu()
+    return features.float() if features.dim() == 2 else features.mean(1, dtype=torch.float32)
+
+
 def _write_absence_check(out: Path, data: FeatureSet, encoder, report: Reporter) -> None:
     """Fit what tells that a photo does not show something (capcli.absent) on the training photos: seconds."""
     from capcli.labels import Labeler
@@ -186,8 +221,7 @@ def _write_absence_check(out: Path, data: FeatureSet, encoder, report: Reporter)
     captions: list[list[str]] = [[] for _ in data.images]
     for (image, _), text in zip(data.pairs, data.texts):
         captions[image].append(text)
-    features = data.features.cpu()
-    pooled = features.float() if features.dim() == 2 else features.mean(1, dtype=torch.float32)  # no fp32 grid copy
+    pooled = _pooled(data.features)
     scores = None
     if encoder.head is not None:
         labeler = Labeler()
@@ -288,34 +322,56 @@ def _features(data: CaptionSet, model: CaptionModel, run: TrainRun, device, repo
 
 
 def _inputs(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | None,
-            settings: TrainSettings) -> tuple[list[list[int]], list[list[int]] | None]:
-    """Caption ids and context ids for these rows. Grounded training draws each row's labels from a generator
-    seeded by (seed, step, row): the same in any number of processes and after --resume. step None (validation)
-    names the classifier's labels, as captioning does."""
+            settings: TrainSettings) -> tuple[list[list[int]], list[list[int]] | None, list[list[int]] | None]:
+    """Caption ids, context ids and the ids before the prefix (retrieval's hints) for these rows. Grounded
+    training draws each row's labels, and retrieval its hints, from generators seeded by (seed, step, row): the
+    same in any number of processes and after --resume. step None (validation) names the classifier's labels
+    and the best hints, as captioning does."""
+    before = _hint_ids(model, data, rows, step, settings)
     grounding = model.config.grounding
     if grounding is None:
-        return [data.pairs[r][1] for r in rows], None
+        return [data.pairs[r][1] for r in rows], None, before
     if step is None:
         labels = [data.labels[data.pairs[r][0]] for r in rows]
-        return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows))
+        return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows)), before
     examples = [training_example(data.texts[r], grounding, random.Random(f"{settings.seed}:{step}:{r}"))
                 for r in rows]
     ids = model.tokenize([caption for _, caption in examples], settings.max_caption_tokens)
-    return ids, model.context_ids([labels for labels, _ in examples], len(rows))
+    return ids, model.context_ids([labels for labels, _ in examples], len(rows)), before
+
+
+def _hint_ids(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | None,
+              settings: TrainSettings) -> list[list[int]] | None:
+    """Retrieval: per row, `captions` of its image's hints, drawn from the best `pool` in training (kept in
+    their order), the best ones in validation."""
+    retrieval = model.config.retrieval
+    if retrieval is None:
+        return None
+    hints = []
+    for r in rows:
+        ranked = data.hints[data.pairs[r][0]]
+        if step is None:
+            hints.append(ranked[: retrieval.captions])
+        else:
+            rng = random.Random(f"{settings.seed}:{step}:{r}:hints")
+            picks = sorted(rng.sample(range(len(ranked)), min(retrieval.captions, len(ranked))))
+            hints.append([ranked[i] for i in picks])
+    return model.hint_ids(hints)
 
 
 def _share_loss(trained, model: CaptionModel, data: FeatureSet, rows: list[int], rank: int, world: int, device,
                 step: int, settings: TrainSettings) -> torch.Tensor:
     """This process's part of a global batch: rows rank, rank + world, ... Its loss is divided by the global
     batch's token count and multiplied by world, so that DDP's mean of the gradients is the full batch's."""
-    ids, context = _inputs(model, data, rows, step, settings)
+    ids, context, before = _inputs(model, data, rows, step, settings)
     tokens = sum(len(i) for i in ids)
     mine = list(range(len(rows)))[rank::world]
     weight = world
     if not mine:  # a last batch smaller than the number of processes: join the all-reduce with nothing
         mine, weight = [0], 0
     features = data.features[[data.pairs[rows[i]][0] for i in mine]].to(device).float()
-    return trained(features, [ids[i] for i in mine], tokens, context and [context[i] for i in mine]) * weight
+    return trained(features, [ids[i] for i in mine], tokens, context and [context[i] for i in mine], None,
+                   before and [before[i] for i in mine]) * weight
 
 
 def _critic(data: FeatureSet, settings: TrainSettings) -> SelfCritical | None:
@@ -344,8 +400,8 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
 
 def _batch_loss(model: CaptionModel, data: FeatureSet, rows: list[int], device, settings: TrainSettings) -> torch.Tensor:
     features = data.features[[data.pairs[r][0] for r in rows]].to(device).float()
-    ids, context = _inputs(model, data, rows, None, settings)
-    return model.loss(features, ids, None, context)
+    ids, context, before = _inputs(model, data, rows, None, settings)
+    return model.loss(features, ids, None, context, None, before)
 
 
 @torch.no_grad()
@@ -364,8 +420,9 @@ def _end_of_epoch(model, train_set, val_set, epoch, step, settings, device, star
         picks = list(range(min(settings.sample_captions, len(shown.images))))
         with autocast(device):
             labels = [shown.labels[i] for i in picks] if shown.labels is not None else None
+            hints = [shown.hints[i][: model.config.retrieval.captions] for i in picks] if shown.hints else None
             captions = model.generate(shown.features[picks].to(device).float(), GenerationSettings(max_new_tokens=24),
-                                      labels)
+                                      labels, None, hints)
         record["samples"] = {shown.images[i].name: c[0] for i, c in zip(picks, captions)}
     with interrupts_deferred():
         _log(out, record)
