@@ -10,8 +10,8 @@ With --split, the chosen settings and fp32 each caption that Flickr8k split with
 instead, and are scored against its references (what `auto` must hold: README "Performance").
 Settings: torch.ao dynamic int8 of every Linear but the LM head (and of the MLPs only, the attention only;
 with per-channel weight scales, also without the MLPs' down projections), and torchao's int8 weight-only
-and dynamic int8 configs (needs `pip install torchao`). (bf16 is left out: on a CPU without AVX-512 BF16 a
-bf16 training step took over ten times as long as fp32.)
+and dynamic int8 configs (needs `pip install torchao`), and the LM's weights stored in bf16 (not autocast: no
+per-step conversion).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from capcli.pipeline import Captioner
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = ROOT.parent / "shared" / "data" / "flickr8k"
+TABLE = ROOT / "benchmarks" / "results" / "precision-cpu.md"
 
 
 def cpu_features() -> str:
@@ -70,6 +71,17 @@ def torchao(config_name):
     return convert
 
 
+def bf16_weights(model):
+    model = model.to(torch.bfloat16)
+    generate = model.generate
+
+    def generate_from_bf16(*args, inputs_embeds=None, **kwargs):  # the mapper's prefix stays fp32
+        return generate(*args, inputs_embeds=inputs_embeds.to(torch.bfloat16), **kwargs)
+
+    model.generate = generate_from_bf16
+    return model
+
+
 SETTINGS = {
     "torch.ao dynamic int8, all Linear but lm_head": lambda m: torch_ao_dynamic(m, lambda n: n != "lm_head"),
     "torch.ao dynamic int8, MLP only": lambda m: torch_ao_dynamic(m, lambda n: ".mlp." in n),
@@ -82,6 +94,7 @@ SETTINGS = {
         lambda m: torch_ao_dynamic(m, lambda n: n != "lm_head" and "down_proj" not in n, per_channel=True),
     "torchao Int8WeightOnlyConfig": torchao("Int8WeightOnlyConfig"),
     "torchao Int8DynamicActivationInt8WeightConfig": torchao("Int8DynamicActivationInt8WeightConfig"),
+    "bf16 weights": bf16_weights,
 }
 
 
@@ -92,6 +105,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated substrings of the settings to run")
     parser.add_argument("--split", help="score the settings on this Flickr8k split instead (default decoding)")
+    parser.add_argument("--out", type=Path, default=TABLE, help="the table to write")
     args = parser.parse_args()
     if args.split:
         return dev_metrics(Path(args.split), args.only)
@@ -121,14 +135,19 @@ def main() -> None:
 
     lines = [f"# LM precision on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
              "", f"CPU: {cpu_features()}.", "", f"`python benchmarks/precision.py --images {args.images} --beams {args.beams} "
-             f"--max-new-tokens {args.max_new_tokens}`: {len(paths)} images, torch {torch.__version__}.", "",
+             f"--max-new-tokens {args.max_new_tokens}{command_tail(args)}`: {len(paths)} images, torch {torch.__version__}.", "",
              "| LM setting | seconds | speed-up | captions identical to fp32 | first caption |",
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {s:.2f} | {base_seconds / s:.2f}x | {same}/{len(reference)} | {first} |"
               for name, s, same, first in rows]
-    out = ROOT / "benchmarks" / "results" / "precision-cpu.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+def command_tail(args) -> str:
+    """The options that chose the settings and the output, as typed."""
+    tail = f' --only "{args.only}"' if args.only else ""
+    return tail + (f" --out {args.out}" if args.out != TABLE else "")
 
 
 def chosen(only: str) -> dict:
