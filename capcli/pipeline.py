@@ -446,9 +446,7 @@ class Captioner:
         neighbours = self.memory.nearest(pooled, settings.neighbours)
         ordered = []
         for candidates, near in zip(self.model.generate(features, decoding, named, bans, hints), neighbours):
-            unique = list(dict.fromkeys(candidates))
-            votes = self.memory.consensus(unique, near)
-            ranked = [c for _, c in sorted(zip(votes, unique), key=lambda pair: -pair[0])]
+            ranked = self.memory.ranked(candidates, near)
             ordered.append((ranked * settings.num_captions)[: settings.num_captions])
         return ordered, neighbours
 
