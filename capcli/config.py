@@ -157,6 +157,11 @@ def _strict(cls, data: dict, where: str):
         raise ModelError(str(exc)) from None
 
 
+# What `capcli train` writes into a new model dir's `generation`: the shipped model's decoding, so that a model
+# trained here captions (and is evaluated) the way the default is unless the user says otherwise.
+TRAINED_DECODING = {"beams": 3, "no_repeat_ngram_size": 3, "forbid_absent": True}
+
+
 @dataclass
 class GenerationSettings:
     """How to decode. Greedy by default; beams and sampling are opt-in."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, GroundingConfig, ModelConfig, RetrievalConfig
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, TRAINED_DECODING, GroundingConfig, ModelConfig, RetrievalConfig
 from capcli.errors import CapcliError, InputError
 from capcli.reporting import Reporter
 from capcli.shards import Shard, job_shard
@@ -250,7 +250,8 @@ def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
         num_tokens=encoder.num_tokens, lm=job.lm or DEFAULT_LM, lm_id=lm.lm_id, lm_width=lm.width, mapper=mapper,
         prefix_length=job.prefix_length or 10, hidden_size=job.hidden_size or (1024 if mapper == "mlp" else 512),
         num_layers=job.num_layers or 2, prompt=job.prompt or "", grounding=job.grounding, retrieval=job.retrieval,
-        encoder_weights=str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None)
+        encoder_weights=str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None,
+        generation=dict(TRAINED_DECODING))
 
 
 def _refuse_conflicts(job: TrainJob, config: ModelConfig, settings) -> None:

@@ -57,6 +57,8 @@ def test_transformer_mapper_on_grid_tokens_with_a_prompt(shapes_data, tiny_lm, t
     assert result.exit_code == 0, result.output
     config = json.loads((model / "config.json").read_text())
     assert (config["mapper"], config["prompt"], config["num_tokens"]) == ("transformer", "a", 16)
+    # A new model decodes as the shipped one does unless told otherwise: beam 3, no repeated 3-grams, no absent things.
+    assert config["generation"] == {"beams": 3, "no_repeat_ngram_size": 3, "forbid_absent": True}
     result = runner.invoke(app, ["caption", str(shapes_data / "images" / "img042.png"), "--model", str(model),
                                  "--max-new-tokens", "4", "--quiet"])
     assert result.exit_code == 0, result.output
