@@ -1,6 +1,7 @@
 """The absence check (does a photo show people? does the classifier rule a dog out?) and the words that
 --forbid-absent keeps out of captions."""
 
+import json
 import shutil
 
 import pytest
@@ -109,7 +110,9 @@ def test_training_writes_the_check_and_a_model_without_one_refuses_forbid_absent
     assert result.exit_code == 0, result.output  # nothing is ruled out, so nothing changes
     old = tmp_path / "old-model"
     shutil.copytree(tiny_model, old)
-    (old / ABSENT_FILE).unlink()  # as a model trained before the check existed
+    (old / ABSENT_FILE).unlink()  # as a model trained before the check existed, which decoded greedily by default
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "generation": {}}))
     result = runner.invoke(app, ["caption", str(image), "--model", str(old), "--forbid-absent"])
     assert result.exit_code == 2
     assert "has no absence check" in result.output and "--forbid-absent" in result.output

@@ -20,7 +20,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.png
 def test_greedy_captions_are_identical_batched_per_image_and_without_a_cache(tiny_model, tmp_path):
     captioner = Captioner.load(tiny_model, device="cpu")
     paths = make_images(tmp_path, 5)
-    settings = captioner.settings(beams=1, max_new_tokens=8)
+    settings = captioner.settings(beams=1, max_new_tokens=8, no_repeat_ngram_size=0, forbid_absent=False)  # greedy
     batched = [c.captions[0] for _, c in captioner.caption_paths(paths, settings, batch_size=4, workers=0)]
     assert per_image_generate(captioner, paths, settings) == batched
     assert naive_caption(captioner, paths, settings) == batched
