@@ -195,11 +195,16 @@ def _add_hints(train_set: FeatureSet, val_set: FeatureSet | None, run: TrainRun,
     if main:
         memory.save(run.out / MEMORY_DIR, {"data": str(run.train.source), "made_by": "capcli train"})
     retrieval = run.config.retrieval
-    report.line(f"retrieval: ranking the captions of each image's {retrieval.neighbours} most similar training "
-                f"images")
-    for data, own in [(train_set, True), (val_set, False)]:
+    saved = (run.checkpoint or {}).get("hints", {})  # ranked before an interruption: minutes for large sets
+    for name, data, own in [("train", train_set, True), ("val", val_set, False)]:
         if data is None:
             continue
+        if saved.get(name, {}).get("images") == [str(p) for p in data.images]:
+            data.hints = saved[name]["hints"]
+            report.line(f"retrieval: {name} hints from the checkpoint")
+            continue
+        report.line(f"retrieval: ranking the captions of each {name} image's {retrieval.neighbours} most similar "
+                    f"training images")
         pooled = _pooled(data.features)
         data.hints = []
         for start in range(0, len(pooled), 1024):
@@ -480,9 +485,13 @@ def _warmup_cosine(warmup: int, total: int):
 def _save(out: Path, state: _State, settings: TrainSettings) -> None:
     weights = state.model.mapper_state()
     modeldir.write_mapper(out, weights, state.step)
+    hints = {name: {"images": [str(p) for p in data.images], "hints": data.hints}
+             for name, data in [("train", state.train_set), ("val", state.val_set)]
+             if data is not None and data.hints is not None}  # so that --resume need not rank them again
     modeldir.write_checkpoint(out, {"mapper": weights, "optimizer": state.optimizer.state_dict(),
                                     "scheduler": state.scheduler.state_dict(), "step": state.step,
-                                    "rng": torch.get_rng_state(), "settings": dataclasses.asdict(settings)})
+                                    "rng": torch.get_rng_state(), "settings": dataclasses.asdict(settings),
+                                    **({"hints": hints} if hints else {})})
 
 
 def _log(out: Path, record: dict) -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from capcli.cli import app
 from capcli.config import GenerationSettings, RetrievalConfig
 from capcli.memory import Memory
-from capcli.pipeline import Captioner
+from capcli.pipeline import CaptionModel, Captioner
 from conftest import make_images, train_tiny
 
 runner = CliRunner()
@@ -94,3 +94,24 @@ def test_self_critical_tuning_of_a_retrieval_model_is_refused(retrieval_model, t
                                  str(tiny_data / "features"), "--init", str(retrieval_model), "--objective", "cider",
                                  "--quiet"])
     assert result.exit_code == 2 and "cannot tune" in result.output
+
+
+def test_a_resumed_retrieval_run_takes_its_ranked_hints_from_the_checkpoint(tiny_data, tiny_lm, tmp_path, monkeypatch):
+    model, real_loss, calls = tmp_path / "model", CaptionModel.loss, []
+
+    def interrupt_on_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(CaptionModel, "loss", interrupt_on_third_call)
+    train_tiny(tiny_data, tiny_lm, model, "--retrieval", "--epochs", "2", exit_code=130)
+    monkeypatch.setattr(CaptionModel, "loss", real_loss)
+
+    def rank_again(*args, **kwargs):
+        raise AssertionError("the hints were ranked again")
+
+    monkeypatch.setattr(Memory, "hints", rank_again)
+    train_tiny(tiny_data, tiny_lm, model, "--retrieval", "--epochs", "2", "--resume")
+    assert json.loads((model / "config.json").read_text())["training"]["epochs"] == 2
