@@ -83,6 +83,13 @@ class FeatureSet:
     labels: list[list[str]] | None = None  # per image, the classifier's confident nouns (grounded models)
     hints: list[list[str]] | None = None  # per image, similar training images' captions, best first (retrieval)
 
+    def captions_per_image(self) -> list[list[str]]:
+        """Each image's captions, in the order of `images`."""
+        captions: list[list[str]] = [[] for _ in self.images]
+        for (image, _), text in zip(self.pairs, self.texts):
+            captions[image].append(text)
+        return captions
+
 
 @dataclass
 class _State:
@@ -187,11 +194,8 @@ def _add_hints(train_set: FeatureSet, val_set: FeatureSet | None, run: TrainRun,
     process), and each image gets its hints from it, leaving out its own captions."""
     from capcli.memory import Memory, image_ids
 
-    captions: list[list[str]] = [[] for _ in train_set.images]
-    for (image, _), text in zip(train_set.pairs, train_set.texts):
-        captions[image].append(text)
     memory = Memory.from_features(run.encoder.encoder_id, image_ids(train_set.images, Path(run.train.source)),
-                                  captions, _pooled(train_set.features))
+                                  train_set.captions_per_image(), _pooled(train_set.features))
     if main:
         memory.save(run.out / MEMORY_DIR, {"data": str(run.train.source), "made_by": "capcli train"})
     retrieval = run.config.retrieval
@@ -223,16 +227,13 @@ def _write_absence_check(out: Path, data: FeatureSet, encoder, report: Reporter)
     """Fit what tells that a photo does not show something (capcli.absent) on the training photos: seconds."""
     from capcli.labels import Labeler
 
-    captions: list[list[str]] = [[] for _ in data.images]
-    for (image, _), text in zip(data.pairs, data.texts):
-        captions[image].append(text)
     pooled = _pooled(data.features)
     scores = None
     if encoder.head is not None:
         labeler = Labeler()
         with torch.no_grad():
             scores = torch.cat([labeler.scores(encoder.classify(chunk)).cpu() for chunk in pooled.split(1024)])
-    check = AbsenceCheck.fit(pooled, scores, captions)
+    check = AbsenceCheck.fit(pooled, scores, data.captions_per_image())
     check.save(out / ABSENT_FILE)
     report.line("absence check: " + ("a people probe" if check.people else "no people probe (the captions all "
                 "name people, or none does)") + (f"; floors for {', '.join(check.floors)}" if check.floors else ""))
@@ -383,10 +384,7 @@ def _critic(data: FeatureSet, settings: TrainSettings) -> SelfCritical | None:
     """The self-critical objective's reward and loss, with each training image's references."""
     if settings.objective != "cider":
         return None
-    references: list[list[str]] = [[] for _ in data.images]
-    for (image, _), text in zip(data.pairs, data.texts):
-        references[image].append(text)
-    return SelfCritical(references, settings.samples)
+    return SelfCritical(data.captions_per_image(), settings.samples)
 
 
 def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data: FeatureSet, images: list[int],
