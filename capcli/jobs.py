@@ -201,6 +201,9 @@ def _train_model(job: TrainJob, report: Reporter):
         if settings.objective == "cider":
             config, encoder, lm = _tuned_config(job, settings, report)
             return config, settings, None, encoder, lm
+        if settings.xent_weight:
+            raise CapcliError("--xent-weight mixes cross-entropy into --objective cider; cross-entropy training "
+                              "needs no weight: drop it")
         encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
         lm = load_lm(job.lm or DEFAULT_LM, log=report.line)
         return _new_config(job, encoder, lm), settings, None, encoder, lm

@@ -10,6 +10,7 @@ The model dir's files are written through capcli.modeldir.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -54,6 +55,8 @@ class TrainSettings:
     init: str | None = None  # model dir whose mapper weights the run starts from (same encoder, LM and sizes)
     objective: str = "xent"  # "xent": cross-entropy on the captions; "cider": self-critical, on sampled captions' CIDEr-D
     samples: int = 5  # captions sampled per image by the "cider" objective
+    xent_weight: float = 0.0  # "cider": weight of the cross-entropy of one reference caption per image, added
+    # to the self-critical loss (a mixed objective, Paulus et al. 2017) against collapse onto short, generic captions
 
 
 @dataclass
@@ -83,12 +86,17 @@ class FeatureSet:
     labels: list[list[str]] | None = None  # per image, the classifier's confident nouns (grounded models)
     hints: list[list[str]] | None = None  # per image, similar training images' captions, best first (retrieval)
 
+    @functools.cached_property
+    def rows_per_image(self) -> list[list[int]]:
+        """Each image's rows of `pairs`, in the order of `images`."""
+        rows: list[list[int]] = [[] for _ in self.images]
+        for row, (image, _) in enumerate(self.pairs):
+            rows[image].append(row)
+        return rows
+
     def captions_per_image(self) -> list[list[str]]:
         """Each image's captions, in the order of `images`."""
-        captions: list[list[str]] = [[] for _ in self.images]
-        for (image, _), text in zip(self.pairs, self.texts):
-            captions[image].append(text)
-        return captions
+        return [[self.texts[row] for row in rows] for rows in self.rows_per_image]
 
 
 @dataclass
@@ -263,7 +271,7 @@ def _train_epoch(trained, state: _State, epoch: int, run: TrainRun, accelerator,
                                    device, state.step, settings)
             else:
                 loss, reward = _share_critic_loss(critic, trained, state.model, state.train_set, rows,
-                                                  accelerator.process_index, world, device)
+                                                  accelerator.process_index, world, device, state.step, settings)
                 rewards.append(accelerator.reduce(reward.to(device), "mean").item() if world > 1 else reward.item())
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,16 +396,24 @@ def _critic(data: FeatureSet, settings: TrainSettings) -> SelfCritical | None:
 
 
 def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data: FeatureSet, images: list[int],
-                       rank: int, world: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+                       rank: int, world: int, device, step: int,
+                       settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's images of a global batch (rank, rank + world, ...), scaled as _share_loss does: the
-    loss is divided by the global batch's number of samples. Returns it with the mean reward of its samples."""
+    loss is divided by the global batch's number of samples. Returns it with the mean reward of its samples.
+    With a cross-entropy weight, each image also brings one of its captions, drawn from a generator seeded by
+    (seed, step, image) like grounded training's labels."""
     mine = images[rank::world]
     weight = world
     if not mine:  # fewer images than processes: join the all-reduce with nothing
         mine, weight = images[:1], 0
     features = data.features[mine].to(device).float()
     labels = [data.labels[i] for i in mine] if data.labels is not None else None
-    loss, rewards = critic.loss(trained, model, features, mine, labels, len(images) * critic.samples)
+    references = None
+    if settings.xent_weight:
+        references = [data.pairs[random.Random(f"{settings.seed}:{step}:{i}:reference").choice(
+            data.rows_per_image[i])][1] for i in mine]
+    loss, rewards = critic.loss(trained, model, features, mine, labels, len(images) * critic.samples,
+                                references, settings.xent_weight)
     return loss * weight, rewards.mean()
 
 

@@ -72,16 +72,39 @@ def test_weighted_loss_is_the_weighted_sum_of_each_caption_s_loss(tiny_model, ti
     assert weighted == pytest.approx((0.5 * each[0] - 2.0 * each[1]) / 4.0, rel=1e-4)
 
 
+def test_the_cross_entropy_weight_adds_each_reference_s_loss_per_image(tiny_model, tiny_lm):
+    from capcli.lm import load_lm
+    from capcli.modeldir import read_model_dir
+    from capcli.pipeline import CaptionModel
+
+    config, _ = read_model_dir(tiny_model)
+    model = CaptionModel(config, load_lm(str(tiny_lm)))
+    critic = SelfCritical([["a red circle ."], ["a blue square ."]], samples=2)
+    features = torch.randn(2, config.feature_dim, generator=torch.Generator().manual_seed(0))
+    references = model.tokenize(["a red circle .", "a blue square that is big ."])
+
+    def loss(*mixed):
+        torch.manual_seed(1)  # the same samples each time
+        with torch.no_grad():
+            return critic.loss(model, model, features, [0, 1], None, 8.0, *mixed)[0].item()
+
+    with torch.no_grad():
+        summed = [model.loss(features[i:i + 1], [references[i]], 1.0).item() for i in range(2)]
+    # divisor 8 = 4 images of 2 samples in the global batch: 0.5 x (the references' summed losses) / 4 images
+    assert loss(references, 0.5) - loss() == pytest.approx(0.5 * sum(summed) / 4, rel=1e-4)
+
+
 def test_a_self_critical_run_keeps_the_model_of_init_and_logs_the_reward(tiny_data, tiny_model, tmp_path):
     from capcli.jobs import TrainJob, train_job
 
     out = tmp_path / "tuned"
     train_job(TrainJob(tiny_data, out, features=tiny_data / "features", settings=dict(
-        init=str(tiny_model), objective="cider", samples=3, batch_size=4, epochs=2, lr=1e-4, warmup_steps=1,
-        log_every=1)))
+        init=str(tiny_model), objective="cider", samples=3, xent_weight=0.1, batch_size=4, epochs=2, lr=1e-4,
+        warmup_steps=1, log_every=1)))
     before, after = (json.loads((d / "config.json").read_text()) for d in (tiny_model, out))
     assert {k: v for k, v in after.items() if k != "training"} == {k: v for k, v in before.items() if k != "training"}
     assert after["training"]["objective"] == "cider" and after["training"]["samples"] == 3
+    assert after["training"]["xent_weight"] == 0.1
     steps = [r for r in (json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # 8 images, 4 a step, 2 epochs
     assert all(0 <= r["reward"] <= 10 for r in steps)
@@ -95,3 +118,6 @@ def test_self_critical_needs_a_model_to_start_from_and_keeps_its_shape(tiny_data
     assert alone.exit_code == 2 and "--init MODEL_DIR" in alone.output
     reshaped = tune(tiny_data, tiny_model, tmp_path / "b", "--prefix-length", "4")
     assert reshaped.exit_code == 2 and "--prefix-length" in reshaped.output and "keeps the model of --init" in reshaped.output
+    mixed_alone = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "c"),
+                                      "--xent-weight", "0.1", "--features", str(tiny_data / "features"), "--quiet"])
+    assert mixed_alone.exit_code == 2 and "--xent-weight" in mixed_alone.output
