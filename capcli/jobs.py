@@ -238,9 +238,6 @@ def _tuned_config(job: TrainJob, settings, report: Reporter):
         raise CapcliError(f"--{given[0].replace('_', '-')}: --objective cider keeps the model of --init; drop it")
     init = modeldir.resolve_model_dir(settings.init)
     config = ModelConfig.load(init / modeldir.CONFIG_FILE)
-    if config.retrieval is not None:
-        raise CapcliError(f"{init} puts similar images' captions in its prompt; --objective cider cannot tune such "
-                          f"a model yet")
     encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, job.encoder_weights))
     lm = load_lm(config.lm, log=report.line)
     return config, encoder, lm

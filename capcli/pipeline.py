@@ -135,13 +135,14 @@ class CaptionModel(nn.Module):
 
     @torch.no_grad()
     def sample_ids(self, features: torch.Tensor, context: list[list[int]], samples: int,
-                   max_new_tokens: int) -> list[list[int]]:
+                   max_new_tokens: int, before: list[list[int]] | None = None) -> list[list[int]]:
         """`samples` captions per image drawn from the model's own distribution (temperature 1, no top-k or
-        top-p), as token ids ending with the end-of-text token when they ended; images major, samples minor."""
+        top-p), as token ids ending with the end-of-text token when they ended; images major, samples minor.
+        `before`: per image, the ids before the prefix (retrieval's hints)."""
         settings = GenerationSettings(sample=True, num_captions=samples, max_new_tokens=max_new_tokens)
         eos = self.lm.tokenizer.eos_token_id
         return [row[: row.index(eos) + 1] if eos in row else row
-                for row in self._generate(features, context, settings).tolist()]
+                for row in self._generate(features, context, settings, before=before).tolist()]
 
     def texts(self, ids) -> list[str]:
         """Token id rows as caption text, spaces collapsed."""

@@ -361,16 +361,18 @@ def _hint_ids(model: CaptionModel, data: FeatureSet, rows: list[int], step: int 
     retrieval = model.config.retrieval
     if retrieval is None:
         return None
-    hints = []
-    for r in rows:
-        ranked = data.hints[data.pairs[r][0]]
-        if step is None:
-            hints.append(ranked[: retrieval.captions])
-        else:
-            rng = random.Random(f"{settings.seed}:{step}:{r}:hints")
-            picks = sorted(rng.sample(range(len(ranked)), min(retrieval.captions, len(ranked))))
-            hints.append([ranked[i] for i in picks])
-    return model.hint_ids(hints)
+    return model.hint_ids([_drawn_hints(data.hints[data.pairs[r][0]], retrieval.captions, step, settings, r)
+                           for r in rows])
+
+
+def _drawn_hints(ranked: list[str], captions: int, step: int | None, settings: TrainSettings,
+                 key: object) -> list[str]:
+    """`captions` of an image's ranked hints: the best ones (step None), or a draw from them kept in their order,
+    from a generator seeded by (seed, step, key)."""
+    if step is None:
+        return ranked[:captions]
+    rng = random.Random(f"{settings.seed}:{step}:{key}:hints")
+    return [ranked[i] for i in sorted(rng.sample(range(len(ranked)), min(captions, len(ranked))))]
 
 
 def _share_loss(trained, model: CaptionModel, data: FeatureSet, rows: list[int], rank: int, world: int, device,
@@ -400,8 +402,8 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
                        settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's images of a global batch (rank, rank + world, ...), scaled as _share_loss does: the
     loss is divided by the global batch's number of samples. Returns it with the mean reward of its samples.
-    With a cross-entropy weight, each image also brings one of its captions, drawn from a generator seeded by
-    (seed, step, image) like grounded training's labels."""
+    With a cross-entropy weight, each image also brings one of its captions, and a model with retrieval reads
+    hints drawn as in cross-entropy training, each from a generator seeded by (seed, step, image)."""
     mine = images[rank::world]
     weight = world
     if not mine:  # fewer images than processes: join the all-reduce with nothing
@@ -412,8 +414,11 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
     if settings.xent_weight:
         references = [data.pairs[random.Random(f"{settings.seed}:{step}:{i}:reference").choice(
             data.rows_per_image[i])][1] for i in mine]
+    retrieval = model.config.retrieval
+    before = model.hint_ids([_drawn_hints(data.hints[i], retrieval.captions, step, settings, f"image {i}")
+                             for i in mine]) if retrieval else None
     loss, rewards = critic.loss(trained, model, features, mine, labels, len(images) * critic.samples,
-                                references, settings.xent_weight)
+                                references, settings.xent_weight, before)
     return loss * weight, rewards.mean()
 
 

@@ -89,11 +89,22 @@ def test_a_retrieval_model_without_a_memory_stops_with_one_line(retrieval_model,
     assert with_memory.exit_code == 0, with_memory.output
 
 
-def test_self_critical_tuning_of_a_retrieval_model_is_refused(retrieval_model, tiny_data, tmp_path):
+def test_self_critical_tuning_of_a_retrieval_model_samples_with_its_hints(retrieval_model, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    real_sample_ids, hints_read = CaptionModel.sample_ids, []
+
+    def recording(self, features, context, samples, max_new_tokens, before=None):
+        hints_read.append(before)
+        return real_sample_ids(self, features, context, samples, max_new_tokens, before)
+
+    monkeypatch.setattr(CaptionModel, "sample_ids", recording)
     result = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "tuned"), "--features",
                                  str(tiny_data / "features"), "--init", str(retrieval_model), "--objective", "cider",
+                                 "--samples", "2", "--batch-size", "4", "--epochs", "1", "--xent-weight", "0.1",
                                  "--quiet"])
-    assert result.exit_code == 2 and "cannot tune" in result.output
+    assert result.exit_code == 0, result.output
+    assert len(hints_read) == 2 and all(len(before) == 4 and all(before) for before in hints_read)
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["retrieval"] is not None
 
 
 def test_a_resumed_retrieval_run_takes_its_ranked_hints_from_the_checkpoint(tiny_data, tiny_lm, tmp_path, monkeypatch):
