@@ -204,6 +204,9 @@ def _train_model(job: TrainJob, report: Reporter):
         if settings.xent_weight:
             raise CapcliError("--xent-weight mixes cross-entropy into --objective cider; cross-entropy training "
                               "needs no weight: drop it")
+        if settings.object_penalty:
+            raise CapcliError("--object-penalty changes the reward of --objective cider; cross-entropy training "
+                              "has no reward: drop it")
         encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
         lm = load_lm(job.lm or DEFAULT_LM, log=report.line)
         return _new_config(job, encoder, lm), settings, None, encoder, lm

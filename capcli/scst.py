@@ -2,13 +2,18 @@
 Captioning"): sample a few captions per image from the mapper's own distribution, reward each with its
 CIDEr-D against the image's training references, and raise the likelihood of those that beat the mean of
 the image's other samples (the baseline of Luo 2020, "A Better Variant of Self-Critical Sequence
-Training"). Only the mapper learns; the LM stays frozen."""
+Training"). Only the mapper learns; the LM stays frozen.
+
+An object penalty can be taken off each reward for every COCO object category the caption names that none of
+the image's references names (the CHAIR_i errors of capcli.objects), so that naming what is not there costs
+more than CIDEr-D's lost n-grams."""
 
 from __future__ import annotations
 
 import torch
 
 from capcli.cider import CiderD
+from capcli.objects import objects_in
 
 MAX_SAMPLE_TOKENS = 24  # a sampled caption is cut here (Flickr8k references average 11 words)
 
@@ -16,19 +21,31 @@ MAX_SAMPLE_TOKENS = 24  # a sampled caption is cut here (Flickr8k references ave
 class SelfCritical:
     """The reward and the loss of one self-critical step, for a training set's images and references."""
 
-    def __init__(self, references: list[list[str]], samples: int):
+    def __init__(self, references: list[list[str]], samples: int, object_penalty: float = 0.0):
         if samples < 2:
             raise ValueError("self-critical training needs at least 2 samples per image (the baseline is the others' mean)")
         self.references = references  # per image index
         self.samples = samples
         self.cider = CiderD(references)  # document frequencies over the training images
+        self.object_penalty = object_penalty
         self._prepared: dict[int, list] = {}
+        self._objects: dict[int, set[str]] = {}
 
     def rewards(self, images: list[int], captions: list[str]) -> torch.Tensor:
-        """(len(images), samples) CIDEr-D of each caption (images major) against its image's references."""
+        """(len(images), samples) CIDEr-D of each caption (images major) against its image's references, less
+        the object penalty for each object it names that they do not."""
         scores = [self.cider.score(caption, self._references(images[i // self.samples]))
+                  - self.object_penalty * len(self.wrong_objects(images[i // self.samples], caption))
                   for i, caption in enumerate(captions)]
         return torch.tensor(scores).view(len(images), self.samples)
+
+    def wrong_objects(self, image: int, caption: str) -> list[str]:
+        """The COCO object categories the caption names that none of the image's references names."""
+        if not self.object_penalty:
+            return []
+        if image not in self._objects:
+            self._objects[image] = {o for reference in self.references[image] for o in objects_in(reference)}
+        return [o for o in objects_in(caption) if o not in self._objects[image]]
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Each sample's reward minus the mean reward of its image's other samples."""

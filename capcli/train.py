@@ -57,6 +57,7 @@ class TrainSettings:
     samples: int = 5  # captions sampled per image by the "cider" objective
     xent_weight: float = 0.0  # "cider": weight of the cross-entropy of one reference caption per image, added
     # to the self-critical loss (a mixed objective, Paulus et al. 2017) against collapse onto short, generic captions
+    object_penalty: float = 0.0  # "cider": taken off a sample's reward per object it names that no reference names
 
 
 @dataclass
@@ -394,7 +395,7 @@ def _critic(data: FeatureSet, settings: TrainSettings) -> SelfCritical | None:
     """The self-critical objective's reward and loss, with each training image's references."""
     if settings.objective != "cider":
         return None
-    return SelfCritical(data.captions_per_image(), settings.samples)
+    return SelfCritical(data.captions_per_image(), settings.samples, settings.object_penalty)
 
 
 def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data: FeatureSet, images: list[int],

@@ -25,6 +25,15 @@ def test_a_caption_like_the_references_earns_more_than_one_unlike_them():
     assert rewards[0, 0] > rewards[0, 1] and rewards[1, 0] > rewards[1, 1]
 
 
+def test_each_object_that_no_reference_names_costs_the_object_penalty():
+    references = [["a dog runs on the grass .", "a brown dog runs outside"]]
+    captions = ["a dog runs on the grass", "a man and his dog run on the grass with a frisbee"]
+    plain = SelfCritical(references, samples=2).rewards([0], captions)
+    penalised = SelfCritical(references, samples=2, object_penalty=0.25)
+    assert penalised.wrong_objects(0, captions[1]) == ["person", "frisbee"]
+    assert torch.allclose(penalised.rewards([0], captions), plain - torch.tensor([[0.0, 0.5]]))
+
+
 def test_each_sample_is_measured_against_the_mean_of_the_others():
     critic = SelfCritical([["x"]], samples=3)
     advantages = critic.advantages(torch.tensor([[1.0, 2.0, 3.0]]))
@@ -99,15 +108,15 @@ def test_a_self_critical_run_keeps_the_model_of_init_and_logs_the_reward(tiny_da
 
     out = tmp_path / "tuned"
     train_job(TrainJob(tiny_data, out, features=tiny_data / "features", settings=dict(
-        init=str(tiny_model), objective="cider", samples=3, xent_weight=0.1, batch_size=4, epochs=2, lr=1e-4,
-        warmup_steps=1, log_every=1)))
+        init=str(tiny_model), objective="cider", samples=3, xent_weight=0.1, object_penalty=0.01, batch_size=4, epochs=2,
+        lr=1e-4, warmup_steps=1, log_every=1)))
     before, after = (json.loads((d / "config.json").read_text()) for d in (tiny_model, out))
     assert {k: v for k, v in after.items() if k != "training"} == {k: v for k, v in before.items() if k != "training"}
     assert after["training"]["objective"] == "cider" and after["training"]["samples"] == 3
-    assert after["training"]["xent_weight"] == 0.1
+    assert after["training"]["xent_weight"] == 0.1 and after["training"]["object_penalty"] == 0.01
     steps = [r for r in (json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # 8 images, 4 a step, 2 epochs
-    assert all(0 <= r["reward"] <= 10 for r in steps)
+    assert all(-1 <= r["reward"] <= 10 for r in steps)  # CIDEr-D, less at most 24 tokens' object penalties
     captioned = runner.invoke(app, ["caption", str(tiny_data / "0.png"), "--model", str(out), "--quiet"])
     assert captioned.exit_code == 0 and captioned.stdout.strip()
 
@@ -121,3 +130,6 @@ def test_self_critical_needs_a_model_to_start_from_and_keeps_its_shape(tiny_data
     mixed_alone = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "c"),
                                       "--xent-weight", "0.1", "--features", str(tiny_data / "features"), "--quiet"])
     assert mixed_alone.exit_code == 2 and "--xent-weight" in mixed_alone.output
+    penalty_alone = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "d"),
+                                        "--object-penalty", "0.2", "--features", str(tiny_data / "features"), "--quiet"])
+    assert penalty_alone.exit_code == 2 and "--object-penalty" in penalty_alone.output
