@@ -40,6 +40,11 @@ class Objective(str, Enum):
     cider = "cider"
 
 
+class TuneLabels(str, Enum):
+    classifier = "classifier"
+    captions = "captions"
+
+
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -234,6 +239,7 @@ def train(
     samples: Annotated[Optional[int], typer.Option(min=2, help="--objective cider: captions sampled per image [default: 5].")] = None,
     xent_weight: Annotated[Optional[float], typer.Option(min=0, help="--objective cider: add this times the cross-entropy of one reference caption per image, against collapse onto short, generic captions [default: 0].")] = None,
     object_penalty: Annotated[Optional[float], typer.Option(min=0, help="--objective cider: take this off a sampled caption's reward for each object (COCO category) it names that none of the image's references names [default: 0].")] = None,
+    tune_labels: Annotated[Optional[TuneLabels], typer.Option(help="--objective cider, grounded models: the labels in the prompt are the classifier's (classifier, as when captioning) or a training caption's own nouns (captions, as in --grounded training) [default: classifier].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Captions per step (images per step with --objective cider) [default: 32].")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay) [default: 5e-4].")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(min=1, help="[default: 100]")] = None,
@@ -254,7 +260,8 @@ def train(
                     max_caption_tokens=max_caption_tokens, max_steps=max_steps, checkpoint_every=checkpoint_every,
                     seed=seed, precision=precision and precision.value, init=init and str(init),
                     objective=objective and objective.value, samples=samples, xent_weight=xent_weight,
-                    object_penalty=object_penalty)
+                    object_penalty=object_penalty,
+                    tune_labels=tune_labels and tune_labels.value)
     train_job(TrainJob(
         data, out, split, val_split, features, encoder, encoder_weights, lm, mapper and mapper.value, prefix_length,
         hidden_size, num_layers, prompt, GroundingConfig(drop=label_drop, swap=label_swap) if grounded else None,

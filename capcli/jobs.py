@@ -207,6 +207,9 @@ def _train_model(job: TrainJob, report: Reporter):
         if settings.object_penalty:
             raise CapcliError("--object-penalty changes the reward of --objective cider; cross-entropy training "
                               "has no reward: drop it")
+        if settings.tune_labels != "classifier":
+            raise CapcliError("--tune-labels chooses the labels of --objective cider; cross-entropy training of a "
+                              "--grounded model always names the captions' own nouns: drop it")
         encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
         lm = load_lm(job.lm or DEFAULT_LM, log=report.line)
         return _new_config(job, encoder, lm), settings, None, encoder, lm

@@ -58,6 +58,8 @@ class TrainSettings:
     xent_weight: float = 0.0  # "cider": weight of the cross-entropy of one reference caption per image, added
     # to the self-critical loss (a mixed objective, Paulus et al. 2017) against collapse onto short, generic captions
     object_penalty: float = 0.0  # "cider": taken off a sample's reward per object it names that no reference names
+    tune_labels: str = "classifier"  # "cider", grounded models: the labels in the prompt are the classifier's (as
+    # when captioning) or "captions": one training caption's own nouns, some dropped (as in grounded cross-entropy)
 
 
 @dataclass
@@ -411,10 +413,13 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
         mine, weight = images[:1], 0
     features = data.features[mine].to(device).float()
     labels = [data.labels[i] for i in mine] if data.labels is not None else None
-    references = None
-    if settings.xent_weight:
-        references = [data.pairs[random.Random(f"{settings.seed}:{step}:{i}:reference").choice(
-            data.rows_per_image[i])][1] for i in mine]
+    drawn = [random.Random(f"{settings.seed}:{step}:{i}:reference").choice(data.rows_per_image[i]) for i in mine]
+    references = [data.pairs[row][1] for row in drawn] if settings.xent_weight else None
+    grounding = model.config.grounding
+    if grounding is not None and settings.tune_labels == "captions":  # the drawn caption's nouns, none swapped
+        unswapped = dataclasses.replace(grounding, swap=0.0)
+        labels = [training_example(data.texts[row], unswapped, random.Random(f"{settings.seed}:{step}:{row}"))[0]
+                  for row in drawn]
     retrieval = model.config.retrieval
     before = model.hint_ids([_drawn_hints(data.hints[i], retrieval.captions, step, settings, f"image {i}")
                              for i in mine]) if retrieval else None

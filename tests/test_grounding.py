@@ -124,3 +124,30 @@ def test_the_python_api_gives_labels_on_request_and_captions_without_a_head(tiny
     assert all(captioner.caption(images, max_new_tokens=3))  # an ungrounded model needs no head to caption
     with pytest.raises(ModelError, match="no classification head"):
         captioner.describe(images)
+
+
+def test_self_critical_tuning_with_caption_labels_names_a_training_caption_s_nouns(grounded_model, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    from capcli.pipeline import CaptionModel
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    nouns = ["umbrella", "guitar"]
+    rows = ["image,caption"] + [f"{n}.png,a {nouns[n % 2]} by a {nouns[(n + 1) % 2]} ." for n in range(8)]
+    (data / "captions.txt").write_text("\n".join(rows) + "\n")
+    real_context_ids, told = CaptionModel.context_ids, []
+
+    def recording(self, labels, rows):
+        told.extend(labels or [])
+        return real_context_ids(self, labels, rows)
+
+    monkeypatch.setattr(CaptionModel, "context_ids", recording)
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "tuned"), "--features",
+                                 str(data / "features"), "--init", str(grounded_model), "--objective", "cider",
+                                 "--tune-labels", "captions", "--samples", "2", "--batch-size", "4", "--epochs", "1",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert told and all(set(labels) <= set(nouns) for labels in told)
+    assert any(labels for labels in told)  # some of the two nouns survive the drop
+    settings = json.loads((tmp_path / "tuned" / "config.json").read_text())["training"]
+    assert settings["tune_labels"] == "captions"

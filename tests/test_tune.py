@@ -133,3 +133,6 @@ def test_self_critical_needs_a_model_to_start_from_and_keeps_its_shape(tiny_data
     penalty_alone = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "d"),
                                         "--object-penalty", "0.2", "--features", str(tiny_data / "features"), "--quiet"])
     assert penalty_alone.exit_code == 2 and "--object-penalty" in penalty_alone.output
+    labels_alone = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "e"),
+                                       "--tune-labels", "captions", "--features", str(tiny_data / "features"), "--quiet"])
+    assert labels_alone.exit_code == 2 and "--tune-labels" in labels_alone.output
