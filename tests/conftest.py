@@ -146,6 +146,16 @@ def train_tiny(data: Path, lm: Path, out: Path, *extra: str, exit_code: int = 0)
     return out
 
 
+def tune(data: Path, model: Path, out: Path, *extra: str):
+    """`capcli train --objective cider` of a model dir on the data (and its feature cache); the CLI's result."""
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    return CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--init", str(model),
+                                    "--objective", "cider", "--features", str(data / "features"), "--quiet", *extra])
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_data, tiny_lm) -> Path:
     """A tiny model dir shared by the caption tests."""

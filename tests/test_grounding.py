@@ -15,7 +15,7 @@ from capcli.config import GenerationSettings
 from capcli.errors import ModelError
 from capcli.images import open_image
 from capcli.pipeline import Captioner
-from conftest import make_images, train_tiny
+from conftest import make_images, train_tiny, tune
 
 runner = CliRunner()
 
@@ -142,10 +142,8 @@ def test_self_critical_tuning_with_caption_labels_names_a_training_caption_s_nou
         return real_context_ids(self, labels, rows)
 
     monkeypatch.setattr(CaptionModel, "context_ids", recording)
-    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "tuned"), "--features",
-                                 str(data / "features"), "--init", str(grounded_model), "--objective", "cider",
-                                 "--tune-labels", "captions", "--samples", "2", "--batch-size", "4", "--epochs", "1",
-                                 "--quiet"])
+    result = tune(data, grounded_model, tmp_path / "tuned", "--tune-labels", "captions", "--samples", "2",
+                  "--batch-size", "4", "--epochs", "1")
     assert result.exit_code == 0, result.output
     assert told and all(set(labels) <= set(nouns) for labels in told)
     assert any(labels for labels in told)  # some of the two nouns survive the drop

@@ -12,7 +12,7 @@ from capcli.cli import app
 from capcli.config import GenerationSettings, RetrievalConfig
 from capcli.memory import Memory
 from capcli.pipeline import CaptionModel, Captioner
-from conftest import make_images, train_tiny
+from conftest import make_images, train_tiny, tune
 
 runner = CliRunner()
 
@@ -98,10 +98,8 @@ def test_self_critical_tuning_of_a_retrieval_model_samples_with_its_hints(retrie
         return real_sample_ids(self, features, context, samples, max_new_tokens, before)
 
     monkeypatch.setattr(CaptionModel, "sample_ids", recording)
-    result = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "tuned"), "--features",
-                                 str(tiny_data / "features"), "--init", str(retrieval_model), "--objective", "cider",
-                                 "--samples", "2", "--batch-size", "4", "--epochs", "1", "--xent-weight", "0.1",
-                                 "--quiet"])
+    result = tune(tiny_data, retrieval_model, tmp_path / "tuned", "--samples", "2", "--batch-size", "4", "--epochs",
+                  "1", "--xent-weight", "0.1")
     assert result.exit_code == 0, result.output
     assert len(hints_read) == 2 and all(len(before) == 4 and all(before) for before in hints_read)
     assert json.loads((tmp_path / "tuned" / "config.json").read_text())["retrieval"] is not None

@@ -9,13 +9,9 @@ from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.scst import SelfCritical
+from conftest import tune
 
 runner = CliRunner()
-
-
-def tune(data, model, out, *extra):
-    return runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--init", str(model),
-                               "--objective", "cider", "--features", str(data / "features"), "--quiet", *extra])
 
 
 def test_a_caption_like_the_references_earns_more_than_one_unlike_them():
