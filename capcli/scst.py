@@ -34,15 +34,17 @@ class SelfCritical:
     def rewards(self, images: list[int], captions: list[str]) -> torch.Tensor:
         """(len(images), samples) CIDEr-D of each caption (images major) against its image's references, less
         the object penalty for each object it names that they do not."""
-        scores = [self.cider.score(caption, self._references(images[i // self.samples]))
-                  - self.object_penalty * len(self.wrong_objects(images[i // self.samples], caption))
-                  for i, caption in enumerate(captions)]
+        scores = []
+        for i, caption in enumerate(captions):
+            image = images[i // self.samples]
+            score = self.cider.score(caption, self._references(image))
+            if self.object_penalty:
+                score -= self.object_penalty * len(self.wrong_objects(image, caption))
+            scores.append(score)
         return torch.tensor(scores).view(len(images), self.samples)
 
     def wrong_objects(self, image: int, caption: str) -> list[str]:
         """The COCO object categories the caption names that none of the image's references names."""
-        if not self.object_penalty:
-            return []
         if image not in self._objects:
             self._objects[image] = {o for reference in self.references[image] for o in objects_in(reference)}
         return [o for o in objects_in(caption) if o not in self._objects[image]]

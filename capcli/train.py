@@ -406,7 +406,8 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
     """This process's images of a global batch (rank, rank + world, ...), scaled as _share_loss does: the
     loss is divided by the global batch's number of samples. Returns it with the mean reward of its samples.
     With a cross-entropy weight, each image also brings one of its captions, and a model with retrieval reads
-    hints drawn as in cross-entropy training, each from a generator seeded by (seed, step, image)."""
+    hints drawn as in cross-entropy training, each from a generator seeded by (seed, step, image). With
+    tune_labels "captions", a grounded model's labels are that drawn caption's nouns instead of the classifier's."""
     mine = images[rank::world]
     weight = world
     if not mine:  # fewer images than processes: join the all-reduce with nothing
