@@ -132,3 +132,5 @@ def test_self_critical_needs_a_model_to_start_from_and_keeps_its_shape(tiny_data
     labels_alone = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "e"),
                                        "--tune-labels", "captions", "--features", str(tiny_data / "features"), "--quiet"])
     assert labels_alone.exit_code == 2 and "--tune-labels" in labels_alone.output
+    ungrounded = tune(tiny_data, tiny_model, tmp_path / "f", "--tune-labels", "captions")
+    assert ungrounded.exit_code == 2 and "not grounded" in ungrounded.output
