@@ -43,7 +43,6 @@ class Objective(str, Enum):
 class TuneLabels(str, Enum):
     classifier = "classifier"
     captions = "captions"
-    swapped = "swapped"
 
 
 class Precision(str, Enum):
@@ -240,7 +239,7 @@ def train(
     samples: Annotated[Optional[int], typer.Option(min=2, help="--objective cider: captions sampled per image [default: 5].")] = None,
     xent_weight: Annotated[Optional[float], typer.Option(min=0, help="--objective cider: add this times the cross-entropy of one reference caption per image, against collapse onto short, generic captions [default: 0].")] = None,
     object_penalty: Annotated[Optional[float], typer.Option(min=0, help="--objective cider: take this off a sampled caption's reward for each object (COCO category) it names that none of the image's references names [default: 0].")] = None,
-    tune_labels: Annotated[Optional[TuneLabels], typer.Option(help="--objective cider, grounded models: the labels in the prompt are the classifier's (classifier, as when captioning) or a training caption's own nouns (captions), one of them sometimes swapped for another of its kind in the labels and the references (swapped, as --grounded training swaps them) [default: classifier].")] = None,
+    tune_labels: Annotated[Optional[TuneLabels], typer.Option(help="--objective cider, grounded models: the labels in the prompt are the classifier's (classifier, as when captioning) or a training caption's own nouns (captions, as in --grounded training) [default: classifier].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Captions per step (images per step with --objective cider) [default: 32].")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay) [default: 5e-4].")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(min=1, help="[default: 100]")] = None,

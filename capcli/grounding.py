@@ -8,7 +8,6 @@ and the caption (word-swap training, as in PS-NOC), so the model learns to follo
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
 
 import torch
 
@@ -29,21 +28,15 @@ def classifier_labels(encoder, pooled: torch.Tensor, grounding: GroundingConfig)
     return [confident(row, grounding) for chunk in pooled.split(1024) for row in labeler(encoder.classify(chunk).cpu())]
 
 
-class TrainingExample(NamedTuple):
-    labels: list[str]  # the nouns the prompt names
-    caption: str  # the caption to write, with the swap applied
-    swapped: dict[str, str]  # {old noun: new noun} where a noun was swapped, else empty
-
-
-def training_example(caption: str, grounding: GroundingConfig, rng: random.Random) -> TrainingExample:
-    """The labels and caption of one training caption: its own nouns, each dropped with probability `drop`;
-    with probability `swap`, one noun replaced by another of its kind in both the labels and the caption."""
+def training_example(caption: str, grounding: GroundingConfig, rng: random.Random) -> tuple[list[str], str]:
+    """(labels, caption) for one training caption: its own nouns, each dropped with probability `drop`; with
+    probability `swap`, one noun replaced by another of its kind in both the labels and the caption."""
     from capcli.labels import find_nouns, swap_noun
 
-    mentions, swapped = find_nouns(caption), {}
+    mentions = find_nouns(caption)
     if mentions and rng.random() < grounding.swap:
         caption, swapped = swap_noun(caption, mentions, rng)
         if swapped:
             mentions = find_nouns(caption)
     nouns = list(dict.fromkeys(m.noun for m in mentions))
-    return TrainingExample([n for n in nouns if rng.random() >= grounding.drop], caption, swapped)
+    return [n for n in nouns if rng.random() >= grounding.drop], caption

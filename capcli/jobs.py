@@ -244,8 +244,8 @@ def _tuned_config(job: TrainJob, settings, report: Reporter):
         raise CapcliError(f"--{given[0].replace('_', '-')}: --objective cider keeps the model of --init; drop it")
     init = modeldir.resolve_model_dir(settings.init)
     config = ModelConfig.load(init / modeldir.CONFIG_FILE)
-    if settings.tune_labels != "classifier" and config.grounding is None:
-        raise CapcliError(f"--tune-labels {settings.tune_labels}: the model in {init} is not grounded (it reads no labels); "
+    if settings.tune_labels == "captions" and config.grounding is None:
+        raise CapcliError(f"--tune-labels captions: the model in {init} is not grounded (it reads no labels); "
                           f"drop it")
     encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, job.encoder_weights))
     lm = load_lm(config.lm, log=report.line)

@@ -167,15 +167,6 @@ def swap_noun(caption: str, mentions: list[Mention], rng: random.Random) -> tupl
         return caption, {}
     old = rng.choice(sorted(set(swappable)))
     new = rng.choice(_swap_partners()[old])
-    return _replaced(caption, mentions, old, new), {old: new}
-
-
-def replace_noun(caption: str, old: str, new: str) -> str:
-    """`caption` with every mention of the noun `old` replaced as swap_noun would replace it by `new`."""
-    return _replaced(caption, find_nouns(caption), old, new)
-
-
-def _replaced(caption: str, mentions: list[Mention], old: str, new: str) -> str:
     pieces, last = [], 0
     for m in mentions:
         if m.noun != old:
@@ -190,7 +181,7 @@ def _replaced(caption: str, mentions: list[Mention], old: str, new: str) -> str:
         pieces += [before, replacement]
         last = m.end
     pieces.append(caption[last:])
-    return "".join(pieces)
+    return "".join(pieces), {old: new}
 
 
 def label_matrix():

@@ -6,17 +6,13 @@ Training"). Only the mapper learns; the LM stays frozen.
 
 An object penalty can be taken off each reward for every COCO object category the caption names that none of
 the image's references names (the CHAIR_i errors of capcli.objects), so that naming what is not there costs
-more than CIDEr-D's lost n-grams.
-
-A step may swap a noun in an image's references (dog -> cat, as word-swap training swaps it in the caption and
-the labels), so that a grounded model earns its reward by following its labels against what it sees."""
+more than CIDEr-D's lost n-grams."""
 
 from __future__ import annotations
 
 import torch
 
 from capcli.cider import CiderD
-from capcli.labels import replace_noun
 from capcli.objects import objects_in
 
 MAX_SAMPLE_TOKENS = 24  # a sampled caption is cut here (Flickr8k references average 11 words)
@@ -35,29 +31,23 @@ class SelfCritical:
         self._prepared: dict[int, list] = {}
         self._objects: dict[int, set[str]] = {}
 
-    def rewards(self, images: list[int], captions: list[str], swaps: list[dict[str, str]] | None = None) -> torch.Tensor:
+    def rewards(self, images: list[int], captions: list[str]) -> torch.Tensor:
         """(len(images), samples) CIDEr-D of each caption (images major) against its image's references, less
-        the object penalty for each object it names that they do not. `swaps`, per image: {old noun: new noun}
-        to replace in its references first (empty: none)."""
+        the object penalty for each object it names that they do not."""
         scores = []
         for i, caption in enumerate(captions):
             image = images[i // self.samples]
-            swap = swaps[i // self.samples] if swaps else {}
-            score = self.cider.score(caption, self._references(image, swap))
+            score = self.cider.score(caption, self._references(image))
             if self.object_penalty:
-                score -= self.object_penalty * len(self.wrong_objects(image, caption, swap))
+                score -= self.object_penalty * len(self.wrong_objects(image, caption))
             scores.append(score)
         return torch.tensor(scores).view(len(images), self.samples)
 
-    def wrong_objects(self, image: int, caption: str, swap: dict[str, str] | None = None) -> list[str]:
+    def wrong_objects(self, image: int, caption: str) -> list[str]:
         """The COCO object categories the caption names that none of the image's references names."""
-        if swap:
-            named = {o for reference in self._swapped(image, swap) for o in objects_in(reference)}
-        else:
-            if image not in self._objects:
-                self._objects[image] = {o for reference in self.references[image] for o in objects_in(reference)}
-            named = self._objects[image]
-        return [o for o in objects_in(caption) if o not in named]
+        if image not in self._objects:
+            self._objects[image] = {o for reference in self.references[image] for o in objects_in(reference)}
+        return [o for o in objects_in(caption) if o not in self._objects[image]]
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Each sample's reward minus the mean reward of its image's other samples."""
@@ -66,16 +56,14 @@ class SelfCritical:
 
     def loss(self, trained, model, features: torch.Tensor, images: list[int], labels: list[list[str]] | None,
              divisor: float, references: list[list[int]] | None = None, xent_weight: float = 0.0,
-             before: list[list[int]] | None = None,
-             swaps: list[dict[str, str]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             before: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's loss for these images (features (B, D) on the device), divided by `divisor`, and the
         rewards of their samples. With `references` (one caption's ids per image), the loss gains `xent_weight`
         times each reference's summed cross-entropy, per image of the global batch (`divisor` / samples).
-        `before`: per image, the ids before the prefix (a retrieval model's hints). `swaps`: per image, nouns to
-        swap in its references (see rewards)."""
+        `before`: per image, the ids before the prefix (a retrieval model's hints)."""
         context = model.context_ids(labels, len(images))
         ids = model.sample_ids(features, context, self.samples, MAX_SAMPLE_TOKENS, before)
-        rewards = self.rewards(images, model.texts(ids), swaps)
+        rewards = self.rewards(images, model.texts(ids))
         weights = self.advantages(rewards).flatten()
         repeated = features.repeat_interleave(self.samples, dim=0)
         contexts = [c for c in context for _ in range(self.samples)]
@@ -88,15 +76,7 @@ class SelfCritical:
             weights = torch.cat([weights, torch.full((len(references),), xent_weight * self.samples)])
         return trained(repeated, ids, divisor, contexts, weights, heads), rewards
 
-    def _references(self, image: int, swap: dict[str, str] | None = None) -> list:
-        if swap:
-            return self.cider.prepare(self._swapped(image, swap))
+    def _references(self, image: int) -> list:
         if image not in self._prepared:
             self._prepared[image] = self.cider.prepare(self.references[image])
         return self._prepared[image]
-
-    def _swapped(self, image: int, swap: dict[str, str]) -> list[str]:
-        references = self.references[image]
-        for old, new in swap.items():
-            references = [replace_noun(r, old, new) for r in references]
-        return references

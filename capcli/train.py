@@ -59,8 +59,7 @@ class TrainSettings:
     # to the self-critical loss (a mixed objective, Paulus et al. 2017) against collapse onto short, generic captions
     object_penalty: float = 0.0  # "cider": taken off a sample's reward per object it names that no reference names
     tune_labels: str = "classifier"  # "cider", grounded models: the labels in the prompt are the classifier's (as
-    # when captioning) or "captions": one training caption's own nouns, some dropped (as in grounded cross-entropy),
-    # or "swapped": those, with one sometimes swapped for another of its kind in the labels and the references
+    # when captioning) or "captions": one training caption's own nouns, some dropped (as in grounded cross-entropy)
 
 
 @dataclass
@@ -354,8 +353,8 @@ def _inputs(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | 
         return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows)), before
     examples = [training_example(data.texts[r], grounding, random.Random(f"{settings.seed}:{step}:{r}"))
                 for r in rows]
-    ids = model.tokenize([example.caption for example in examples], settings.max_caption_tokens)
-    return ids, model.context_ids([example.labels for example in examples], len(rows)), before
+    ids = model.tokenize([caption for _, caption in examples], settings.max_caption_tokens)
+    return ids, model.context_ids([labels for labels, _ in examples], len(rows)), before
 
 
 def _hint_ids(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | None,
@@ -408,9 +407,7 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
     loss is divided by the global batch's number of samples. Returns it with the mean reward of its samples.
     With a cross-entropy weight, each image also brings one of its captions, and a model with retrieval reads
     hints drawn as in cross-entropy training, each from a generator seeded by (seed, step, image). With
-    tune_labels "captions", a grounded model's labels are that drawn caption's nouns instead of the classifier's;
-    with "swapped", one of them may also be swapped for another of its kind, as in --grounded training, in the
-    labels, that caption and the references the reward reads."""
+    tune_labels "captions", a grounded model's labels are that drawn caption's nouns instead of the classifier's."""
     mine = images[rank::world]
     weight = world
     if not mine:  # fewer images than processes: join the all-reduce with nothing
@@ -419,19 +416,16 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
     labels = [data.labels[i] for i in mine] if data.labels is not None else None
     drawn = [random.Random(f"{settings.seed}:{step}:{i}:reference").choice(data.rows_per_image[i]) for i in mine]
     references = [data.pairs[row][1] for row in drawn] if settings.xent_weight else None
-    grounding, swaps = model.config.grounding, None
-    if grounding is not None and settings.tune_labels != "classifier":  # the drawn caption's nouns
-        swap = grounding.swap if settings.tune_labels == "swapped" else 0.0
-        examples = [training_example(data.texts[row], dataclasses.replace(grounding, swap=swap),
-                                     random.Random(f"{settings.seed}:{step}:{row}")) for row in drawn]
-        labels, swaps = [e.labels for e in examples], [e.swapped for e in examples]
-        if references and any(swaps):
-            references = model.tokenize([e.caption for e in examples], settings.max_caption_tokens)
+    grounding = model.config.grounding
+    if grounding is not None and settings.tune_labels == "captions":  # the drawn caption's nouns, none swapped
+        unswapped = dataclasses.replace(grounding, swap=0.0)
+        labels = [training_example(data.texts[row], unswapped, random.Random(f"{settings.seed}:{step}:{row}"))[0]
+                  for row in drawn]
     retrieval = model.config.retrieval
     before = model.hint_ids([_drawn_hints(data.hints[i], retrieval.captions, step, settings, f"image {i}")
                              for i in mine]) if retrieval else None
     loss, rewards = critic.loss(trained, model, features, mine, labels, len(images) * critic.samples,
-                                references, settings.xent_weight, before, swaps)
+                                references, settings.xent_weight, before)
     return loss * weight, rewards.mean()
 
 

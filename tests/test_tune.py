@@ -30,17 +30,6 @@ def test_each_object_that_no_reference_names_costs_the_object_penalty():
     assert torch.allclose(penalised.rewards([0], captions), plain - torch.tensor([[0.0, 0.5]]))
 
 
-def test_a_swap_in_the_references_rewards_the_caption_that_names_the_swapped_noun():
-    references = [["a dog runs on the grass .", "a brown dog runs outside", "two puppies play"]]
-    captions = ["a dog runs on the grass", "a cat runs on the grass"]
-    critic = SelfCritical(references, samples=2, object_penalty=0.25)
-    as_seen = critic.rewards([0], captions)
-    swapped = critic.rewards([0], captions, [{"dog": "cat"}])
-    assert as_seen[0, 0] > as_seen[0, 1] and swapped[0, 1] > swapped[0, 0]
-    assert critic.wrong_objects(0, captions[1], {"dog": "cat"}) == [] and critic.wrong_objects(0, captions[1]) == ["cat"]
-    assert torch.equal(critic.rewards([0], captions), as_seen)  # the swap is not kept
-
-
 def test_each_sample_is_measured_against_the_mean_of_the_others():
     critic = SelfCritical([["x"]], samples=3)
     advantages = critic.advantages(torch.tensor([[1.0, 2.0, 3.0]]))
