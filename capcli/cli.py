@@ -83,6 +83,8 @@ MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, 
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
 NoRepeatOpt = Annotated[Optional[int], typer.Option(min=0, help="Never repeat an n-gram of this size (0: allow).")]
 LabelBonusOpt = Annotated[Optional[float], typer.Option(help="Grounded models: add this to the logits of the labels' words (0: off).")]
+RequireLabelsOpt = Annotated[Optional[float], typer.Option(min=0, max=1, help="Grounded models: decode again, with --require-bonus on the left-out labels' words, a caption that leaves out a label scoring at least this (0: off) [default: the model's].", show_default=False)]
+RequireBonusOpt = Annotated[Optional[float], typer.Option(help="With --require-labels: added to the logits of the left-out labels' words [default: 2].", show_default=False)]
 ForbidAbsentOpt = Annotated[Optional[bool], typer.Option("--forbid-absent/--allow-absent", help="No words for what the model's absence check says a photo does not show: people (man, women, skier, ...) by the people probe, and dogs or any animal by the classifier [default: the model's].", show_default=False)]
 PeopleOpt = Annotated[Optional[float], typer.Option(min=0, max=1, help="With --forbid-absent: people are absent below this probability [default: 0.5].")]
 ShardOpt = Annotated[Optional[str], typer.Option(
@@ -296,6 +298,8 @@ def caption(
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
     label_bonus: LabelBonusOpt = None,
+    require_labels: RequireLabelsOpt = None,
+    require_bonus: RequireBonusOpt = None,
     forbid_absent: ForbidAbsentOpt = None,
     people_threshold: PeopleOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
@@ -321,7 +325,8 @@ def caption(
 
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, forbid_absent=forbid_absent,
+                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, require_labels=require_labels,
+                    require_bonus=require_bonus, forbid_absent=forbid_absent,
                     people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
@@ -341,6 +346,8 @@ def evaluate(
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
     label_bonus: LabelBonusOpt = None,
+    require_labels: RequireLabelsOpt = None,
+    require_bonus: RequireBonusOpt = None,
     forbid_absent: ForbidAbsentOpt = None,
     people_threshold: PeopleOpt = None,
     memory: MemoryOpt = None,
@@ -361,7 +368,8 @@ def evaluate(
     from capcli.jobs import eval_job
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, forbid_absent=forbid_absent,
+                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, require_labels=require_labels,
+                    require_bonus=require_bonus, forbid_absent=forbid_absent,
                     people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
                                        device.value, encoder_weights, memory or [], memory_mode.value,

@@ -178,6 +178,10 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     seed: int | None = None
     label_bonus: float = 0.0  # grounded models: added to the logit of each label's first token
+    # Grounded models: a caption that leaves out a label scoring at least `require_labels` (0: off) is decoded
+    # again with `require_bonus` on the logits of the labels it left out.
+    require_labels: float = 0.0
+    require_bonus: float = 2.0
     forbid_absent: bool = False  # no words for what the model's absence check says a photo does not show
     people_threshold: float = 0.5  # with forbid_absent: people are absent below this probability
     neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
@@ -196,6 +200,8 @@ class GenerationSettings:
             raise CapcliError("--temperature must be > 0 and --top-p in (0, 1]")
         if not 0 <= self.people_threshold <= 1:
             raise CapcliError("--people-threshold must lie between 0 and 1")
+        if not 0 <= self.require_labels <= 1 or self.require_bonus <= 0:
+            raise CapcliError("--require-labels must lie between 0 and 1 and --require-bonus be above 0")
         if self.neighbours < 1 or self.candidates < 1:
             raise CapcliError("--neighbours and --candidates must be at least 1")
         return self

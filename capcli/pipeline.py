@@ -20,7 +20,7 @@ from capcli.devices import autocast, resolve_device
 from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
 from capcli.errors import InputError, ModelError
 from capcli.grounding import confident
-from capcli.labels import Labeler
+from capcli.labels import Labeler, find_nouns
 from capcli.lm import LanguageModel, load_lm
 from capcli.mapper import build_mapper
 from capcli import modeldir
@@ -172,20 +172,22 @@ class CaptionModel(nn.Module):
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, settings: GenerationSettings, labels: list[list[str]] | None = None,
-                 bans: WordBans | None = None, hints: list[list[str]] | None = None) -> list[list[str]]:
+                 bans: WordBans | None = None, hints: list[list[str]] | None = None,
+                 boosted: list[list[str]] | None = None) -> list[list[str]]:
         """Batched decoding with a KV cache (transformers' generate): K captions for each of B images.
         A grounded model names `labels` (per image) in its prompt, a model with retrieval `hints` (per image,
-        similar images' captions); `bans` holds, per image, words the captions may not contain. Never returns an
-        empty caption: images whose caption came out empty are decoded again with the end of text forbidden
-        for a few tokens."""
+        similar images' captions); `bans` holds, per image, words the captions may not contain; settings.label_bonus
+        goes to the words of `boosted` (per image; all the labels where None). Never returns an empty caption:
+        images whose caption came out empty are decoded again with the end of text forbidden for a few tokens."""
         context = self.context_ids(labels, features.shape[0])
         before = self.hint_ids(hints) if hints is not None else None
-        captions = self._decode(features, context, settings, labels, bans, before)
+        boosted = labels if boosted is None else boosted
+        captions = self._decode(features, context, settings, boosted, bans, before)
         empty = [i for i, texts in enumerate(captions) if not all(texts)]
         if empty:
             least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
             longer = dataclasses.replace(settings, min_new_tokens=least)
-            rows = [labels[i] for i in empty] if labels else None
+            rows = [boosted[i] for i in empty] if boosted else None
             some_bans = bans.rows(empty) if bans else None
             some_before = [before[i] for i in empty] if before else None
             for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer, rows,
@@ -207,23 +209,24 @@ class CaptionModel(nn.Module):
                 for row in words]
 
     def _decode(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                labels: list[list[str]] | None = None, bans: WordBans | None = None,
+                boosted: list[list[str]] | None = None, bans: WordBans | None = None,
                 before: list[list[int]] | None = None) -> list[list[str]]:
-        texts = self.texts(self._generate(features, context, settings, labels, bans, before))
+        texts = self.texts(self._generate(features, context, settings, boosted, bans, before))
         k = settings.num_captions
         return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
 
     def _generate(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                  labels: list[list[str]] | None = None, bans: WordBans | None = None,
+                  boosted: list[list[str]] | None = None, bans: WordBans | None = None,
                   before: list[list[int]] | None = None) -> torch.Tensor:
-        """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens)."""
+        """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens);
+        settings.label_bonus goes to the words of `boosted` (per image)."""
         from transformers import GenerationConfig
 
         embeds, mask = self.prefix_embeddings(features, context, before)  # (B, C, E)
         tok = self.lm.tokenizer
         processors = []
-        if settings.label_bonus and labels:
-            processors.append(_LabelBonus(self._label_tokens(labels), settings.label_bonus))
+        if settings.label_bonus and boosted:
+            processors.append(_LabelBonus(self._label_tokens(boosted), settings.label_bonus))
         if bans and any(bans.forbidden):
             processors.append(_ForbiddenWords(bans.forbidden, bans.allowed))
         config = GenerationConfig(
@@ -242,6 +245,11 @@ class CaptionModel(nn.Module):
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
             return self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
                                           logits_processor=processors or None)
+
+
+def _nouns_in(caption: str) -> set[str]:
+    """The label nouns a caption names (synonyms and plurals count: "espresso" names coffee)."""
+    return {mention.noun for mention in find_nouns(caption)}
 
 
 class _LabelBonus:
@@ -395,9 +403,9 @@ class Captioner:
             bans = self._bans(pooled, logits, settings)
             hints = self._hints(pooled)
             if self.memory is None:
-                captions, neighbours = self.model.generate(features.float(), settings, named, bans, hints), None
+                captions, neighbours = self._generate(features.float(), settings, labels, named, bans, hints), None
             else:
-                captions, neighbours = self._vote(features.float(), pooled, settings, named, bans, hints)
+                captions, neighbours = self._vote(features.float(), pooled, settings, labels, named, bans, hints)
         return [Captioned(c, labels[i] if with_labels else None, neighbours[i] if neighbours else None)
                 for i, c in enumerate(captions)]
 
@@ -436,8 +444,33 @@ class Captioner:
             self._word_ids.update(zip(missing, (self.model.word_tokens([w]) for w in missing)))
         return [ids for w in words for ids in self._word_ids[w]]
 
+    def _generate(self, features: torch.Tensor, settings: GenerationSettings,
+                  labels: list[list[tuple[str, float]]] | None, named: list[list[str]] | None,
+                  bans: WordBans | None, hints: list[list[str]] | None) -> list[list[str]]:
+        """The model's captions for each image. With settings.require_labels, an image whose first caption leaves
+        out a label it was told that scores at least that is decoded again with settings.require_bonus on the
+        labels it left out; the new captions are kept where their first names more of them."""
+        captions = self.model.generate(features, settings, named, bans, hints)
+        if not settings.require_labels or named is None:
+            return captions
+        required = [[noun for noun, score in row if score >= settings.require_labels and noun in told]
+                    for row, told in zip(labels, named)]
+        missing = [[noun for noun in nouns if noun not in _nouns_in(texts[0])]
+                   for nouns, texts in zip(required, captions)]
+        again = [i for i, nouns in enumerate(missing) if nouns]
+        if not again:
+            return captions
+        boosting = dataclasses.replace(settings, label_bonus=settings.require_bonus)
+        retried = self.model.generate(features[again], boosting, [named[i] for i in again],
+                                      bans.rows(again) if bans else None,
+                                      [hints[i] for i in again] if hints else None, [missing[i] for i in again])
+        for i, texts in zip(again, retried):
+            if set(missing[i]) & _nouns_in(texts[0]):
+                captions[i] = texts
+        return captions
+
     def _vote(self, features: torch.Tensor, pooled: torch.Tensor, settings: GenerationSettings,
-              named: list[list[str]] | None, bans: WordBans | None,
+              labels: list[list[tuple[str, float]]] | None, named: list[list[str]] | None, bans: WordBans | None,
               hints: list[list[str]] | None) -> tuple[list[list[str]], list]:
         """Decode `candidates` captions per image (beam search's N best, or N samples) and order them by how
         much the nearest images' captions agree with each (CIDEr-D); keep the best `num_captions`."""
@@ -446,7 +479,7 @@ class Captioner:
                                        beams=settings.beams if settings.sample else max(settings.beams, wide))
         neighbours = self.memory.nearest(pooled, settings.neighbours)
         ordered = []
-        for candidates, near in zip(self.model.generate(features, decoding, named, bans, hints), neighbours):
+        for candidates, near in zip(self._generate(features, decoding, labels, named, bans, hints), neighbours):
             ranked = self.memory.ranked(candidates, near)
             ordered.append((ranked * settings.num_captions)[: settings.num_captions])
         return ordered, neighbours
