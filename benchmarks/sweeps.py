@@ -7,9 +7,10 @@
 - caption: images/s of captioning at batch 16, 12 and 8, greedy and beam 3 (-> the CPU caption batch);
 - memory: RSS after each stage of loading the default model and captioning a batch;
 - startup: seconds of each stage of a one-image caption (imports, encoder, LM, the caption), in fresh processes;
-- absent: images/s of the default decoding with and without --forbid-absent, alternating (-> its cost).
+- absent: images/s of the default decoding with and without --forbid-absent, alternating (-> its cost);
+- require: the same with and without --require-labels 0.8.
 
-    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory] [startup] [absent]   (all by default; about 10 minutes)
+    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory] [startup] [absent] [require]   (all by default; about 12 minutes)
 """
 
 from __future__ import annotations
@@ -118,9 +119,17 @@ def caption_sweep() -> None:
         print(f"caption 48 images, beams {beams}: images/s by batch size (two runs) {rates}", flush=True)
 
 
-def absent_sweep(rounds: int = 3) -> None:
-    """Images/s of captioning 48 images with the default model's decoding, with the words for absent things
-    forbidden and without, alternating so that the machine's drift falls on both."""
+def absent_sweep() -> None:
+    option_cost("--forbid-absent", {"forbid_absent": True}, {"forbid_absent": False})
+
+
+def require_sweep() -> None:
+    option_cost("--require-labels 0.8", {"require_labels": 0.8}, {"require_labels": 0.0})
+
+
+def option_cost(name: str, with_option: dict, without: dict, rounds: int = 3) -> None:
+    """Images/s of captioning 48 images with the default model's decoding, with a decoding option and without,
+    alternating so that the machine's drift falls on both."""
     from capcli.pipeline import Captioner
 
     captioner = Captioner.load(device="cpu")
@@ -129,13 +138,13 @@ def absent_sweep(rounds: int = 3) -> None:
     rates: dict[bool, list[float]] = {True: [], False: []}
     captions: dict[bool, list[str]] = {}
     for _ in range(rounds):
-        for forbid in (True, False):
+        for on in (True, False):
             started = time.perf_counter()
-            done = list(captioner.caption_paths(paths, captioner.settings(forbid_absent=forbid), 16, 0))
-            rates[forbid].append(round(len(paths) / (time.perf_counter() - started), 2))
-            captions[forbid] = [c.captions[0] for _, c in done]
+            done = list(captioner.caption_paths(paths, captioner.settings(**(with_option if on else without)), 16, 0))
+            rates[on].append(round(len(paths) / (time.perf_counter() - started), 2))
+            captions[on] = [c.captions[0] for _, c in done]
     same = sum(a == b for a, b in zip(captions[True], captions[False]))
-    print(f"caption 48 images, default decoding: images/s with --forbid-absent {rates[True]}, without "
+    print(f"caption 48 images, default decoding: images/s with {name} {rates[True]}, without "
           f"{rates[False]}; {same}/48 captions the same", flush=True)
 
 
@@ -210,7 +219,8 @@ def startup_stages() -> None:
 def main() -> None:
     warnings.filterwarnings("ignore")
     sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "caption": caption_sweep, "memory": memory_sweep,
-              "startup": startup_sweep, "absent": absent_sweep}
+              "startup": startup_sweep, "absent": absent_sweep,
+              "require": require_sweep}
     if sys.argv[1:2] == ["encoder-rates"]:  # one process of the encoder sweep
         return encoder_rates()
     if sys.argv[1:2] == ["startup-stages"]:  # one process of the start-up sweep
