@@ -82,6 +82,7 @@ BeamsOpt = Annotated[Optional[int], typer.Option(min=1, help="Beam search width 
 MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, in tokens.")]
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
 NoRepeatOpt = Annotated[Optional[int], typer.Option(min=0, help="Never repeat an n-gram of this size (0: allow).")]
+LengthPenaltyOpt = Annotated[Optional[float], typer.Option(help="Beam search: divide a beam's log-probability by its length to this power; above 1 favours longer captions [default: 1].", show_default=False)]
 LabelBonusOpt = Annotated[Optional[float], typer.Option(help="Grounded models: add this to the logits of the labels' words (0: off).")]
 RequireLabelsOpt = Annotated[Optional[float], typer.Option(min=0, max=1, help="Grounded models: decode again, with --require-bonus on the left-out labels' words, a caption that leaves out a label scoring at least this (0: off) [default: the model's].", show_default=False)]
 RequireBonusOpt = Annotated[Optional[float], typer.Option(help="With --require-labels: added to the logits of the left-out labels' words [default: 2].", show_default=False)]
@@ -297,6 +298,7 @@ def caption(
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
+    length_penalty: LengthPenaltyOpt = None,
     label_bonus: LabelBonusOpt = None,
     require_labels: RequireLabelsOpt = None,
     require_bonus: RequireBonusOpt = None,
@@ -325,7 +327,8 @@ def caption(
 
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, require_labels=require_labels,
+                    no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, label_bonus=label_bonus,
+                    require_labels=require_labels,
                     require_bonus=require_bonus, forbid_absent=forbid_absent,
                     people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
@@ -345,6 +348,7 @@ def evaluate(
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
+    length_penalty: LengthPenaltyOpt = None,
     label_bonus: LabelBonusOpt = None,
     require_labels: RequireLabelsOpt = None,
     require_bonus: RequireBonusOpt = None,
@@ -368,7 +372,8 @@ def evaluate(
     from capcli.jobs import eval_job
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, label_bonus=label_bonus, require_labels=require_labels,
+                    no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, label_bonus=label_bonus,
+                    require_labels=require_labels,
                     require_bonus=require_bonus, forbid_absent=forbid_absent,
                     people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,

@@ -176,6 +176,7 @@ class GenerationSettings:
     num_captions: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0  # beam search: a beam's log-probability is divided by its length to this power
     seed: int | None = None
     label_bonus: float = 0.0  # grounded models: added to the logit of each label's first token
     # Grounded models: a caption that leaves out a label scoring at least `require_labels` (0: off) is decoded

@@ -236,6 +236,7 @@ class CaptionModel(nn.Module):
             top_p=settings.top_p if settings.sample else None,
             top_k=settings.top_k if settings.sample else None,
             repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            length_penalty=settings.length_penalty if settings.beams > 1 else None,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
             use_cache=True,
         )
@@ -449,7 +450,7 @@ class Captioner:
                   bans: WordBans | None, hints: list[list[str]] | None) -> list[list[str]]:
         """The model's captions for each image. With settings.require_labels, an image whose first caption leaves
         out a label it was told that scores at least that is decoded again with settings.require_bonus on the
-        labels it left out; the new captions are kept where their first names more of them."""
+        labels it left out; the new captions are kept where their first names one of them."""
         captions = self.model.generate(features, settings, named, bans, hints)
         if not settings.require_labels or named is None:
             return captions

@@ -55,6 +55,24 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_with_it(tiny_model, tmp
     assert first.stdout != other.stdout
 
 
+def test_the_length_penalty_goes_to_beam_search_only(tiny_model, tmp_path, monkeypatch):
+    """--length-penalty reaches transformers' beam search; greedy decoding has no use for it (and would warn)."""
+    from capcli.pipeline import Captioner
+
+    captioner = Captioner.load(tiny_model, device="cpu")
+    lm = captioner.model.lm.model
+    real, seen = lm.generate, []
+
+    def generate(*args, generation_config, **kwargs):
+        seen.append(generation_config.length_penalty)
+        return real(*args, generation_config=generation_config, **kwargs)
+    monkeypatch.setattr(lm, "generate", generate)
+    images = make_images(tmp_path, 1)
+    captioner.caption(images, beams=2, length_penalty=2.0, max_new_tokens=4)
+    captioner.caption(images, beams=1, length_penalty=2.0, max_new_tokens=4)
+    assert seen == [2.0, None]
+
+
 def test_paths_from_stdin(tiny_model, tmp_path):
     images = make_images(tmp_path, 2)
     result = caption("-", "--model", str(tiny_model), input="\n".join(map(str, images)) + "\n")
