@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from capcli.errors import ModelError
-from capcli.labels import class_nouns, find_nouns, noun_words, plural, vocabulary
+from capcli.labels import class_nouns, noun_words, nouns_in, plural, vocabulary
 from capcli.objects import categories, objects_in
 
 ABSENT_FILE = "absent.safetensors"  # in a model dir, beside the mapper
@@ -74,7 +74,7 @@ def noun_shares(captions: list[str]) -> torch.Tensor:
     animals = set(animal_nouns())
     shares = torch.zeros(len(columns()))
     for caption in captions:
-        nouns = {m.noun for m in find_nouns(caption)}
+        nouns = nouns_in(caption)
         for noun in nouns:
             shares[columns()[noun]] += 1 / len(captions)
         shares[columns()[ANIMAL]] += bool(nouns & animals) / len(captions)

@@ -148,6 +148,11 @@ def find_nouns(text: str) -> list[Mention]:
     return _noun_matcher().find(text)
 
 
+def nouns_in(text: str) -> set[str]:
+    """The vocabulary's nouns that `text` names (plurals and synonyms count: "espresso" names coffee)."""
+    return {m.noun for m in find_nouns(text)}
+
+
 @functools.lru_cache(maxsize=1)
 def _swap_partners() -> dict[str, list[str]]:
     vocab = set(vocabulary())

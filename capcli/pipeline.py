@@ -20,7 +20,7 @@ from capcli.devices import autocast, resolve_device
 from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
 from capcli.errors import InputError, ModelError
 from capcli.grounding import confident
-from capcli.labels import Labeler, find_nouns
+from capcli.labels import Labeler, nouns_in
 from capcli.lm import LanguageModel, load_lm
 from capcli.mapper import build_mapper
 from capcli import modeldir
@@ -248,11 +248,6 @@ class CaptionModel(nn.Module):
                                           logits_processor=processors or None)
 
 
-def _nouns_in(caption: str) -> set[str]:
-    """The label nouns a caption names (synonyms and plurals count: "espresso" names coffee)."""
-    return {mention.noun for mention in find_nouns(caption)}
-
-
 class _LabelBonus:
     """A logits processor: adds `bonus` to each row's label tokens (rows are images times beams or samples)."""
 
@@ -456,8 +451,10 @@ class Captioner:
             return captions
         required = [[noun for noun, score in row if score >= settings.require_labels and noun in told]
                     for row, told in zip(labels, named)]
-        missing = [[noun for noun in nouns if noun not in _nouns_in(texts[0])]
-                   for nouns, texts in zip(required, captions)]
+        missing = []
+        for nouns, texts in zip(required, captions):
+            named_already = nouns_in(texts[0]) if nouns else set()
+            missing.append([noun for noun in nouns if noun not in named_already])
         again = [i for i, nouns in enumerate(missing) if nouns]
         if not again:
             return captions
@@ -466,7 +463,7 @@ class Captioner:
                                       bans.rows(again) if bans else None,
                                       [hints[i] for i in again] if hints else None, [missing[i] for i in again])
         for i, texts in zip(again, retried):
-            if set(missing[i]) & _nouns_in(texts[0]):
+            if set(missing[i]) & nouns_in(texts[0]):
                 captions[i] = texts
         return captions
 
