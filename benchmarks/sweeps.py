@@ -219,8 +219,7 @@ def startup_stages() -> None:
 def main() -> None:
     warnings.filterwarnings("ignore")
     sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "caption": caption_sweep, "memory": memory_sweep,
-              "startup": startup_sweep, "absent": absent_sweep,
-              "require": require_sweep}
+              "startup": startup_sweep, "absent": absent_sweep, "require": require_sweep}
     if sys.argv[1:2] == ["encoder-rates"]:  # one process of the encoder sweep
         return encoder_rates()
     if sys.argv[1:2] == ["startup-stages"]:  # one process of the start-up sweep

@@ -328,8 +328,7 @@ def caption(
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, label_bonus=label_bonus,
-                    require_labels=require_labels,
-                    require_bonus=require_bonus, forbid_absent=forbid_absent,
+                    require_labels=require_labels, require_bonus=require_bonus, forbid_absent=forbid_absent,
                     people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
@@ -373,8 +372,7 @@ def evaluate(
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, label_bonus=label_bonus,
-                    require_labels=require_labels,
-                    require_bonus=require_bonus, forbid_absent=forbid_absent,
+                    require_labels=require_labels, require_bonus=require_bonus, forbid_absent=forbid_absent,
                     people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
                                        device.value, encoder_weights, memory or [], memory_mode.value,
