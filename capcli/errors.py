@@ -29,3 +29,7 @@ class InputError(CapcliError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self):
+        # Rebuilt from (path, reason), not from the joined message, so it crosses from a DataLoader worker.
+        return type(self), (self.path, self.reason)

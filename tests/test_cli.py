@@ -64,13 +64,14 @@ def test_the_length_penalty_goes_to_beam_search_only(tiny_model, tmp_path, monke
     real, seen = lm.generate, []
 
     def generate(*args, generation_config, **kwargs):
-        seen.append(generation_config.length_penalty)
+        seen.append((generation_config.num_beams, generation_config.length_penalty))
         return real(*args, generation_config=generation_config, **kwargs)
     monkeypatch.setattr(lm, "generate", generate)
     images = make_images(tmp_path, 1)
     captioner.caption(images, beams=2, length_penalty=2.0, max_new_tokens=4)
     captioner.caption(images, beams=1, length_penalty=2.0, max_new_tokens=4)
-    assert seen == [2.0, None]
+    # Each caption() call may decode twice (an empty caption is decoded again), so compare the kinds of call.
+    assert set(seen) == {(2, 2.0), (1, None)}
 
 
 def test_paths_from_stdin(tiny_model, tmp_path):
@@ -87,6 +88,31 @@ def test_bad_inputs_are_reported_and_the_rest_still_captioned(tiny_model, tmp_pa
     assert result.exit_code == 1
     assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(p) for p in images]
     assert f"{tmp_path / 'broken.jpg'}: not an image" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_every_capcli_error_survives_pickling():
+    """Errors raised in a DataLoader worker are pickled back to the main process."""
+    import pickle
+
+    from capcli.errors import CapcliError, DataError, InputError, ModelError
+
+    for error in (CapcliError("fix it"), ModelError("no model"), DataError("no data"), InputError("a.jpg", "broken")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
+    assert pickle.loads(pickle.dumps(InputError("a.jpg", "broken"))).reason == "broken"
+
+
+def test_a_folder_larger_than_a_batch_with_bad_files_is_decoded_in_workers(tiny_model, tmp_path):
+    images = make_images(tmp_path, 7)
+    bad = [tmp_path / "broken.jpg", tmp_path / "empty.png", tmp_path / "truncated.png"]
+    bad[0].write_text("<html>not an image</html>")
+    bad[1].write_bytes(b"")
+    bad[2].write_bytes(images[0].read_bytes()[:60])
+    result = caption(str(tmp_path), "--model", str(tiny_model), "--batch-size", "2", "--workers", "2")
+    assert result.exit_code == 1, result.output
+    assert sorted(line.split("\t")[0] for line in result.stdout.splitlines()) == sorted(map(str, images))
+    assert all(str(path) in result.stderr for path in bad)
     assert "Traceback" not in result.output
 
 
