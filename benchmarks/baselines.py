@@ -18,6 +18,7 @@ from PIL import Image
 from capcli.config import GenerationSettings
 from capcli.devices import autocast
 from capcli.encoders import timm_efficientnet_lite
+from capcli.text import tidy
 
 
 @torch.inference_mode()
@@ -43,21 +44,22 @@ def _encode_one(captioner, path: Path) -> tuple[torch.Tensor, list[list[str]] | 
     grid = captioner.encoder(captioner.encoder.preprocess(image).unsqueeze(0).to(captioner.device))
     grounding, labels = captioner.model.config.grounding, None
     if grounding is not None:
-        labels = [confident(captioner.labeler(captioner.encoder.classify(grid.mean(1)))[0], grounding)]
+        objects = captioner.detector.detect(image) if captioner.detector is not None else None
+        labels = [confident(captioner.labeler(captioner.encoder.classify(grid.mean(1)))[0], grounding, objects)]
     return (grid if captioner.model.config.uses_grid else grid.mean(1)).float(), labels
 
 
 @torch.inference_mode()
 def per_image_generate(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
     with autocast(captioner.device):
-        return [captioner.model.generate(features, settings, labels)[0][0]
+        return [tidy(captioner.model.generate(features, settings, labels)[0][0])
                 for features, labels in (_encode_one(captioner, path) for path in paths)]
 
 
 @torch.inference_mode()
 def naive_caption(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
-    """ClipCap's decoding (no label bonus: compare with label_bonus 0), with capcli's rule that an empty
-    caption is decoded again with the end of text forbidden for a few tokens."""
+    """ClipCap's decoding, with capcli's rule that an empty caption is decoded again with the end of text
+    forbidden for a few tokens, and its tidied text."""
     import dataclasses
 
     from capcli.pipeline import MIN_RETRY_TOKENS
@@ -66,7 +68,7 @@ def naive_caption(captioner, paths: list[Path], settings: GenerationSettings) ->
     longer = dataclasses.replace(settings, min_new_tokens=min(max(settings.min_new_tokens, MIN_RETRY_TOKENS),
                                                               settings.max_new_tokens))
     with autocast(captioner.device):
-        return [decode(captioner.model, *encoded, settings) or decode(captioner.model, *encoded, longer)
+        return [tidy(decode(captioner.model, *encoded, settings) or decode(captioner.model, *encoded, longer))
                 for encoded in (_encode_one(captioner, path) for path in paths)]
 
 

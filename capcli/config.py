@@ -25,15 +25,21 @@ class GroundingConfig:
     template: str = " Objects: {labels}. Caption:"  # text after the prefix; {labels} is "cat, sofa"
     no_labels: str = "none"  # what {labels} becomes when there are none
     threshold: float = 0.3  # captioning: a label is used when its summed class probability reaches this
-    max_labels: int = 3  # captioning: at most this many labels, best first
-    drop: float = 0.4  # training: probability of leaving out each of the caption's nouns
-    swap: float = 0.2  # training: probability of swapping one noun for another of its kind
+    max_labels: int = 3  # captioning: at most this many labels, objects first, then the classifier's nouns
+    drop: float = 0.4  # training: probability of leaving out each label
+    swap: float = 0.2  # training on captions' nouns: probability of swapping one noun for another of its kind
+    object_threshold: float = 0.5  # models with a detector: an object is told when its score reaches this
+    # training: "captions" tells each caption's own nouns (dropped and swapped); "machine" tells what captioning
+    # tells (the detector's objects and the classifier's nouns for the photo), each label dropped with `drop`.
+    train_labels: str = "captions"
 
     def __post_init__(self):
         if "{labels}" not in self.template:
             raise ModelError("grounding template must contain {labels}")
-        if not (0 <= self.drop <= 1 and 0 <= self.swap <= 1 and 0 <= self.threshold <= 1):
-            raise ModelError("grounding drop, swap and threshold must lie between 0 and 1")
+        if not all(0 <= v <= 1 for v in (self.drop, self.swap, self.threshold, self.object_threshold)):
+            raise ModelError("grounding drop, swap, threshold and object_threshold must lie between 0 and 1")
+        if self.train_labels not in ("captions", "machine"):
+            raise ModelError(f"grounding train_labels must be captions or machine, not {self.train_labels!r}")
 
     def text(self, labels: list[str]) -> str:
         return self.template.format(labels=", ".join(labels) if labels else self.no_labels)
@@ -83,6 +89,7 @@ class ModelConfig:
     prompt: str = ""
     grounding: GroundingConfig | None = None  # labels in the prompt; None: the prefix alone
     retrieval: RetrievalConfig | None = None  # similar images' captions before the prefix; needs a memory
+    detector: str | None = None  # the object detector whose objects ground the captions (capcli.detector)
     encoder_weights: str | None = None  # the weights file trained with, if not the packaged or hub weights
     generation: dict = field(default_factory=dict)  # default decoding settings for this model
     training: dict = field(default_factory=dict)  # provenance: how it was trained
@@ -178,13 +185,8 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0  # beam search: a beam's log-probability is divided by its length to this power
     seed: int | None = None
-    label_bonus: float = 0.0  # grounded models: added to the logit of each label's first token
-    # Grounded models: a caption that leaves out a label scoring at least `require_labels` (0: off) is decoded
-    # again with `require_bonus` on the logits of the labels it left out.
-    require_labels: float = 0.0
-    require_bonus: float = 2.0
-    forbid_absent: bool = False  # no words for what the model's absence check says a photo does not show
-    people_threshold: float = 0.5  # with forbid_absent: people are absent below this probability
+    forbid_absent: bool = False  # no words for what the object detector does not see (capcli.absent)
+    absent_below: float = 0.3  # with forbid_absent: a COCO object the detector scores below this is absent
     neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
     candidates: int = 5  # with a memory: captions decoded (beam search's N best) before the vote
 
@@ -199,10 +201,8 @@ class GenerationSettings:
             raise CapcliError("--num-captions N needs --sample or --beams >= N")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise CapcliError("--temperature must be > 0 and --top-p in (0, 1]")
-        if not 0 <= self.people_threshold <= 1:
-            raise CapcliError("--people-threshold must lie between 0 and 1")
-        if not 0 <= self.require_labels <= 1 or self.require_bonus <= 0:
-            raise CapcliError("--require-labels must lie between 0 and 1 and --require-bonus be above 0")
+        if not 0 <= self.absent_below <= 1:
+            raise CapcliError("--absent-below must lie between 0 and 1")
         if self.neighbours < 1 or self.candidates < 1:
             raise CapcliError("--neighbours and --candidates must be at least 1")
         return self

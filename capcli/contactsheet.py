@@ -1,8 +1,10 @@
 """A contact sheet: one self-contained HTML page of thumbnails with their captions and labels.
 
-Thumbnails are small JPEGs embedded as data URIs, so the page can be mailed or archived alone. A filter box
-hides the images whose caption, labels or path do not contain the text typed; `sheet.html#q=dog` opens the
-page filtered. The images that failed are listed at the end.
+Thumbnails are small JPEGs embedded as data URIs, so the page can be mailed or archived alone; each links to
+its photo. A filter box hides the images whose caption, objects, labels or path do not hold every word typed,
+as a whole word ("man" does not find "woman"; "dog" finds "dogs"; text with a dot or slash, such as
+"beach.jpg", is found anywhere in the path); `sheet.html#q=dog` opens the page filtered. The images that failed
+are listed at the end.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ figcaption p { margin: 0 0 4px; }
 SCRIPT = """
 const box = document.getElementById('q'), count = document.getElementById('count');
 const cards = Array.from(document.querySelectorAll('figure'));
+const cardWords = new Map(cards.map(c => [c, c.dataset.text.split(/[^a-z0-9'-]+/)]));
+function found(card, w) {
+  if (/[^a-z0-9'-]/.test(w)) return card.dataset.text.includes(w);
+  const plurals = [w, w + 's', w + 'es', w.endsWith('y') ? w.slice(0, -1) + 'ies' : w];
+  return cardWords.get(card).some(x => plurals.includes(x));
+}
 function filter() {
   const words = box.value.toLowerCase().split(/\\s+/).filter(Boolean);
   let shown = 0;
   for (const card of cards) {
-    const hit = words.every(w => card.dataset.text.includes(w));
+    const hit = words.every(w => found(card, w));
     card.hidden = !hit; shown += hit;
   }
   count.textContent = shown + ' of ' + cards.length + ' images';
@@ -72,19 +80,20 @@ class ContactSheet:
         self.failures: list[str] = []
 
     def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None,
-              neighbours: list | None = None) -> None:
-        from capcli.output import format_labels
+              neighbours: list | None = None, objects: list | None = None) -> None:
+        from capcli.output import format_labels, format_objects
 
         uri = thumbnail_uri(image)
-        shown = format_labels(labels or [])
+        shown = "; ".join(x for x in (format_objects(objects or []), format_labels(labels or [])) if x)
         text = " ".join([*captions, shown, str(image)]).lower()
-        picture = f'<img src="{uri}" alt="{html.escape(captions[0])}">' if uri else ""
+        link = html.escape(Path(image).resolve().as_uri())
+        picture = f'<a href="{link}"><img src="{uri}" alt="{html.escape(captions[0])}"></a>' if uri else ""
         lines = "".join(f"<p>{html.escape(c)}</p>" for c in captions)
         label_line = f'<p class="labels">{html.escape(shown)}</p>' if shown else ""
         self.cards.append(f'<figure data-text="{html.escape(text)}">{picture}<figcaption>{lines}{label_line}'
                           f'<p class="path">{html.escape(str(image))}</p></figcaption></figure>')
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, image: Path | None = None) -> None:
         self.failures.append(message)
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The feature cache written by `extract` and read by `train`: each image is encoded once per encoder.
 
 FEATURES/
-  index.sqlite                 files(path, size, mtime_ns, sha256) and features(encoder_id, sha256, shard, row)
+  index.sqlite                 files(path, size, mtime_ns, sha256), features(encoder_id, sha256, shard, row)
+                               and objects(detector_id, sha256, detections as JSON)
   shards/<encoder>/<id>.safetensors   pooled (n, D) float32 and grid (n, N, D) float16
 
 Features are keyed by the image's content hash and the encoder id, so a renamed or copied image is not
@@ -12,6 +13,7 @@ rows enter the index in one transaction, so an interrupted run leaves a consiste
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import uuid
@@ -39,6 +41,8 @@ class FeatureCache:
                                 "mtime_ns INTEGER, sha256 TEXT)")
                 self.db.execute("CREATE TABLE IF NOT EXISTS features (encoder_id TEXT, sha256 TEXT, shard TEXT, "
                                 "row INTEGER, PRIMARY KEY (encoder_id, sha256))")
+                self.db.execute("CREATE TABLE IF NOT EXISTS objects (detector_id TEXT, sha256 TEXT, detections TEXT, "
+                                "PRIMARY KEY (detector_id, sha256))")
         except (OSError, sqlite3.Error) as exc:
             raise DataError(f"{self.folder}: cannot open the feature cache ({exc})") from None
 
@@ -87,6 +91,29 @@ class FeatureCache:
     def has(self, encoder_id: str, sha: str) -> bool:
         return self.db.execute("SELECT 1 FROM features WHERE encoder_id = ? AND sha256 = ?",
                                (encoder_id, sha)).fetchone() is not None
+
+    def has_objects(self, detector_id: str, sha: str) -> bool:
+        return self.db.execute("SELECT 1 FROM objects WHERE detector_id = ? AND sha256 = ?",
+                               (detector_id, sha)).fetchone() is not None
+
+    def add_objects(self, detector_id: str, shas: list[str], detections: list[list]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)",
+                                [(detector_id, sha, json.dumps([d.to_dict() for d in row]))
+                                 for sha, row in zip(shas, detections)])
+
+    def objects(self, detector_id: str, shas: list[str]) -> list[list]:
+        """The detections of these images in this order (capcli.detector.Detection)."""
+        from capcli.detector import Detection
+
+        found = []
+        for sha in shas:
+            row = self.db.execute("SELECT detections FROM objects WHERE detector_id = ? AND sha256 = ?",
+                                  (detector_id, sha)).fetchone()
+            if row is None:
+                raise DataError(f"{self.folder}: no {detector_id} detections for image {sha[:12]}; run capcli extract")
+            found.append([Detection.from_dict(d) for d in json.loads(row[0])])
+        return found
 
     def add(self, encoder_id: str, shas: list[str], pooled: torch.Tensor, grid: torch.Tensor) -> None:
         """Write one shard, then index its rows."""
@@ -139,8 +166,9 @@ SMALL_JOB = 100
 
 
 def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.device, batch_size: int | None = None,
-            workers: int | None = None, progress: Callable[[int], None] = lambda n: None):
-    """Encode every image not yet in the cache. Returns (digests by path, number encoded, failures).
+            workers: int | None = None, progress: Callable[[int], None] = lambda n: None, detector=None):
+    """Encode every image not yet in the cache (and detect its objects, with a detector). Returns (digests by
+    path, number encoded, failures).
 
     batch_size defaults to 64 on a GPU and encoders.CPU_BATCH (4) on a CPU.
 
@@ -157,7 +185,8 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
             progress(1)
             continue
         digests[path] = sha
-        if sha in todo or cache.has(encoder.encoder_id, sha):
+        if sha in todo or (cache.has(encoder.encoder_id, sha)
+                           and (detector is None or cache.has_objects(detector.detector_id, sha))):
             progress(1)
         else:
             todo[sha] = path
@@ -172,7 +201,8 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
         try:
             if workers is None and len(files) <= SMALL_JOB and device.type == "cpu":
                 workers = 0  # decode in this process: starting workers costs more than it saves
-            for indices, images, failed in image_batches(files, encoder.preprocess, batch_size, workers):
+            for indices, images, failed, objects in image_batches(files, encoder.preprocess, batch_size, workers,
+                                                                  detector):
                 for i, error in failed:
                     failures.append(error)
                     failed_shas.add(shas[i])
@@ -180,6 +210,8 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
                     with torch.inference_mode(), autocast(device):
                         grid = encoder(images.to(device)).float()  # (B, N, D)
                     buffer.append(([shas[i] for i in indices], grid.mean(1).cpu(), grid.cpu()))
+                    if objects is not None:
+                        cache.add_objects(detector.detector_id, [shas[i] for i in indices], objects)
                     buffered += len(indices)
                     encoded += len(indices)
                 if buffered >= SHARD_SIZE:

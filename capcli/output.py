@@ -15,13 +15,15 @@ from typing import TextIO
 from capcli.errors import CapcliError
 from capcli.files import atomic_write_text
 
+
 class CaptionWriter:
-    """One record per image. With labels: a JSON "labels" list, a CSV "labels" column, a third text column."""
+    """One record per image. With labels: JSON "labels" and "objects" lists, CSV "labels" and "objects" columns,
+    a third and fourth text column."""
 
     def __init__(self, stream: TextIO, fmt: str, write_header: bool, labels: bool = False, explain: bool = False):
         self.stream, self.fmt, self.labels, self.explain = stream, fmt, labels, explain
         if fmt == "csv" and write_header:
-            self._write(["image", "caption"] + (["labels"] if labels else []))
+            self._write(["image", "caption"] + (["labels", "objects"] if labels else []))
 
     def _write(self, row) -> None:
         if self.fmt == "csv":
@@ -36,14 +38,15 @@ class CaptionWriter:
         self.stream.flush()
 
     def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None,
-              neighbours: list | None = None) -> None:
-        shown = [format_labels(labels or [])] if self.labels else []
+              neighbours: list | None = None, objects: list | None = None) -> None:
+        shown = [format_labels(labels or []), format_objects(objects or [])] if self.labels else []
         if self.fmt == "jsonl":
             record = {"image": str(image), "caption": captions[0]}
             if len(captions) > 1:
                 record["captions"] = captions
             if self.labels:
                 record["labels"] = [[noun, score] for noun, score in labels or []]
+                record["objects"] = [d.to_dict() for d in objects or []]
             if self.explain:
                 record["neighbours"] = [{"image": n.image, "similarity": n.similarity, "captions": n.captions}
                                         for n in neighbours or []]
@@ -54,8 +57,11 @@ class CaptionWriter:
         else:
             self._write((str(image), captions, *shown))
 
-    def fail(self, message: str) -> None:
-        """Failures are not records here (they go to stderr)."""
+    def fail(self, message: str, image: Path | None = None) -> None:
+        """JSON lines get a record of each failure, {"image", "error"}, beside stderr's line (--resume tries
+        those images again); text and CSV keep one caption per line, so failures go to stderr only."""
+        if self.fmt == "jsonl" and image is not None:
+            self._write({"image": str(image), "error": message})
 
     def close(self) -> None:
         """Nothing to do: each record was flushed as it was written."""
@@ -64,6 +70,14 @@ class CaptionWriter:
 def format_labels(labels: list[tuple[str, float]]) -> str:
     """"cat 0.88; laptop 0.41": the CSV and text form of an image's labels."""
     return "; ".join(f"{noun} {score:.2f}" for noun, score in labels)
+
+
+def format_objects(objects: list) -> str:
+    """"person x2 0.91; dog 0.88": the CSV and text form of an image's detections (count, best score)."""
+    best: dict[str, list] = {}
+    for d in objects:
+        best.setdefault(d.label, []).append(d.score)
+    return "; ".join(f"{label}{f' x{len(s)}' if len(s) > 1 else ''} {max(s):.2f}" for label, s in best.items())
 
 
 def done_images(path: Path, fmt: str) -> set[str]:
@@ -81,7 +95,9 @@ def done_images(path: Path, fmt: str) -> set[str]:
         done = set()
         for line in text.splitlines():
             try:
-                done.add(json.loads(line)["image"])
+                record = json.loads(line)
+                if "error" not in record:
+                    done.add(record["image"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise CapcliError(f"{path}: not a capcli JSON lines file; cannot --resume into it") from None
         return done
@@ -91,13 +107,15 @@ def done_images(path: Path, fmt: str) -> set[str]:
     return {line.split("\t", 1)[0] for line in text.splitlines() if "\t" in line}
 
 
-def sidecar_path(image: Path, key: str, suffix: str, folder: Path | None = None) -> Path:
+def sidecar_path(image: Path, key: str, suffix: str, folder: Path | None = None, full_name: bool = False) -> Path:
     """Where an image's sidecar goes: beside it, or under `folder` mirroring the input's structure (`key`
-    is the image's path relative to the folder given on the command line, or the path as given)."""
-    if folder is None:
-        return image.with_suffix(suffix)
-    parts = [part for part in PurePosixPath(key).parts if part not in ("/", ".", "..") and not part.endswith(":")]
-    return folder.joinpath(*parts).with_suffix(suffix)
+    is the image's path relative to the folder given on the command line, or the path as given). The suffix
+    replaces the image's (a.txt), or with full_name follows it (a.jpg.txt), which keeps a.jpg's and a.png's
+    apart."""
+    if folder is not None:
+        parts = [part for part in PurePosixPath(key).parts if part not in ("/", ".", "..") and not part.endswith(":")]
+        image = folder.joinpath(*parts)
+    return image.with_name(image.name + suffix) if full_name else image.with_suffix(suffix)
 
 
 def write_text_sidecar(path: Path, captions: list[str], existing: str = "overwrite", join: str = ", ") -> None:

@@ -14,17 +14,19 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from capcli.absent import ABSENT_FILE, AbsenceCheck, compound_nouns
+from capcli.absent import absent_objects, absent_words, compound_nouns
+from capcli import modeldir
 from capcli.config import GenerationSettings, ModelConfig
+from capcli.detector import DEFAULT_DETECTOR, Detection, load_detector
 from capcli.devices import autocast, resolve_device
 from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
 from capcli.errors import InputError, ModelError
 from capcli.grounding import confident
-from capcli.labels import Labeler, nouns_in
+from capcli.labels import Labeler
 from capcli.lm import LanguageModel, load_lm
 from capcli.mapper import build_mapper
-from capcli import modeldir
 from capcli.modeldir import MAPPER_FILE, check_matches, load_mapper_weights, read_model_dir, resolve_model_dir
+from capcli.text import tidy
 
 MEMORY_DIR = "memory"  # a model dir's own retrieval memory, if it has one
 IGNORE_INDEX = -100  # label of positions that carry no loss: prefix, prompt, padding
@@ -172,25 +174,22 @@ class CaptionModel(nn.Module):
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, settings: GenerationSettings, labels: list[list[str]] | None = None,
-                 bans: WordBans | None = None, hints: list[list[str]] | None = None,
-                 boosted: list[list[str]] | None = None) -> list[list[str]]:
+                 bans: WordBans | None = None, hints: list[list[str]] | None = None) -> list[list[str]]:
         """Batched decoding with a KV cache (transformers' generate): K captions for each of B images.
         A grounded model names `labels` (per image) in its prompt, a model with retrieval `hints` (per image,
-        similar images' captions); `bans` holds, per image, words the captions may not contain; settings.label_bonus
-        goes to the words of `boosted` (per image; all the labels where None). Never returns an empty caption:
-        images whose caption came out empty are decoded again with the end of text forbidden for a few tokens."""
+        similar images' captions); `bans` holds, per image, words the captions may not contain. Never returns an
+        empty caption: images whose caption came out empty are decoded again with the end of text forbidden for
+        a few tokens."""
         context = self.context_ids(labels, features.shape[0])
         before = self.hint_ids(hints) if hints is not None else None
-        boosted = labels if boosted is None else boosted
-        captions = self._decode(features, context, settings, boosted, bans, before)
+        captions = self._decode(features, context, settings, bans, before)
         empty = [i for i, texts in enumerate(captions) if not all(texts)]
         if empty:
             least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
             longer = dataclasses.replace(settings, min_new_tokens=least)
-            rows = [boosted[i] for i in empty] if boosted else None
             some_bans = bans.rows(empty) if bans else None
             some_before = [before[i] for i in empty] if before else None
-            for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer, rows,
+            for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer,
                                                     some_bans, some_before)):
                 captions[i] = [old or new for old, new in zip(captions[i], texts)]
         return captions
@@ -200,33 +199,20 @@ class CaptionModel(nn.Module):
         spelled = dict.fromkeys(" " + form for w in words for form in (w, w[:1].upper() + w[1:]))
         return self.lm.tokenizer(list(spelled), add_special_tokens=False).input_ids
 
-    def _label_tokens(self, labels: list[list[str]]) -> list[list[int]]:
-        """Per image, the first token of each label word as it would follow a space, singular and plural."""
-        from capcli.labels import plural
-
-        words = [[w for label in row for w in (label, plural(label))] for row in labels]
-        return [sorted({self.lm.tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in row})
-                for row in words]
-
     def _decode(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                boosted: list[list[str]] | None = None, bans: WordBans | None = None,
-                before: list[list[int]] | None = None) -> list[list[str]]:
-        texts = self.texts(self._generate(features, context, settings, boosted, bans, before))
+                bans: WordBans | None = None, before: list[list[int]] | None = None) -> list[list[str]]:
+        texts = self.texts(self._generate(features, context, settings, bans, before))
         k = settings.num_captions
         return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
 
     def _generate(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                  boosted: list[list[str]] | None = None, bans: WordBans | None = None,
-                  before: list[list[int]] | None = None) -> torch.Tensor:
-        """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens);
-        settings.label_bonus goes to the words of `boosted` (per image)."""
+                  bans: WordBans | None = None, before: list[list[int]] | None = None) -> torch.Tensor:
+        """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens)."""
         from transformers import GenerationConfig
 
         embeds, mask = self.prefix_embeddings(features, context, before)  # (B, C, E)
         tok = self.lm.tokenizer
         processors = []
-        if settings.label_bonus and boosted:
-            processors.append(_LabelBonus(self._label_tokens(boosted), settings.label_bonus))
         if bans and any(bans.forbidden):
             processors.append(_ForbiddenWords(bans.forbidden, bans.allowed))
         config = GenerationConfig(
@@ -246,20 +232,6 @@ class CaptionModel(nn.Module):
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
             return self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
                                           logits_processor=processors or None)
-
-
-class _LabelBonus:
-    """A logits processor: adds `bonus` to each row's label tokens (rows are images times beams or samples)."""
-
-    def __init__(self, tokens: list[list[int]], bonus: float):
-        self.tokens, self.bonus = tokens, bonus
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        per_image = scores.shape[0] // len(self.tokens)
-        for row, ids in enumerate(self.tokens):
-            if ids:
-                scores[row * per_image: (row + 1) * per_image, ids] += self.bonus
-        return scores
 
 
 @dataclasses.dataclass
@@ -322,22 +294,19 @@ class Captioned:
     captions: list[str]
     labels: list[tuple[str, float]] | None = None
     neighbours: list | None = None  # with a memory: the similar images whose captions voted (memory.Neighbour)
+    objects: list[Detection] | None = None  # with a detector: what it found (capcli.detector.Detection)
 
 
 class Captioner:
     """The Python API: `Captioner.load(model_dir, device="auto").caption(images)`."""
 
     def __init__(self, model: CaptionModel, encoder: ImageEncoder, device: torch.device, model_dir: Path | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", detector=None):
         self.model, self.encoder, self.device, self.model_dir = model, encoder, device, model_dir
+        self.detector = detector  # capcli.detector: each image's objects, for the prompt, bans and outputs
         self.precision = precision  # autocast while captioning: see devices.autocast
         self.defaults = GenerationSettings().updated(**model.config.generation)
         self.labeler = Labeler()
-        self.absence = None  # what photos do not show (capcli.absent), when the model dir has the check
-        if model_dir is not None and (model_dir / ABSENT_FILE).is_file():
-            self.absence = AbsenceCheck.load(model_dir / ABSENT_FILE, model.config.feature_dim)
-            if self.absence.people is not None:
-                self.absence.people.to(device)
         self._word_ids: dict[str, list[list[int]]] = {}  # a word's token ids, lower case and capitalized
         self.memory = None  # capcli.memory.Memory: similar images' captions pick among candidates
         own = model_dir / MEMORY_DIR if model_dir is not None else None
@@ -346,10 +315,14 @@ class Captioner:
 
     @classmethod
     def load(cls, model_dir: Path | str | None = None, device: str = "auto",
-             encoder_weights: Path | None = None, log=None, precision: str = "auto") -> "Captioner":
+             encoder_weights: Path | None = None, log=None, precision: str = "auto",
+             objects: bool = False) -> "Captioner":
         """Load a model dir, or a shipped model by name ("default", used when none is given). encoder_weights:
         the encoder's weights file, for a model trained with one that is no longer where config.json says.
-        precision: `auto` (bf16 autocast on CUDA, fp32 elsewhere), `fp32`, or `bf16` (see devices.autocast)."""
+        precision: `auto` (bf16 autocast on CUDA, fp32 elsewhere), `fp32`, or `bf16` (see devices.autocast).
+        objects: run the object detector (the model's, else the default) for outputs or --forbid-absent, even
+        if the model does not read objects; a model that does, or forbids absent objects by default, always
+        runs it."""
         model_dir = resolve_model_dir(model_dir)  # log: hears of a first-use download
         config, state = read_model_dir(model_dir)
         encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, encoder_weights))
@@ -362,7 +335,10 @@ class Captioner:
         load_mapper_weights(model.mapper, state, model_dir / MAPPER_FILE, config.mapper)
         torch_device = resolve_device(device)
         model.eval().to(torch_device)
-        return cls(model, encoder.to(torch_device), torch_device, model_dir, precision)
+        detector = None
+        if config.detector or objects or config.generation.get("forbid_absent"):
+            detector = load_detector(config.detector or DEFAULT_DETECTOR, log=log)
+        return cls(model, encoder.to(torch_device), torch_device, model_dir, precision, detector)
 
     def use_memories(self, folders: list[Path], mode: str = "replace") -> None:
         """Caption with these memory dirs: instead of the model's own memory (`replace`) or with it (`add`)."""
@@ -380,9 +356,13 @@ class Captioner:
         return self.defaults.updated(**options).validate()
 
     @torch.inference_mode()
-    def caption_tensors(self, images: torch.Tensor, settings: GenerationSettings,
-                        with_labels: bool = False) -> list[Captioned]:
-        """Preprocessed images (B, 3, H, W) -> K captions each (and labels, if asked for or grounded)."""
+    def caption_tensors(self, images: torch.Tensor, settings: GenerationSettings, with_labels: bool = False,
+                        objects: list[list[Detection]] | None = None) -> list[Captioned]:
+        """Preprocessed images (B, 3, H, W) -> K captions each (and labels, if asked for or grounded). `objects`:
+        each image's detections, which a model with a detector needs (caption_paths finds them)."""
+        if self.detector is not None and objects is None:
+            raise ModelError(f"{self.model_dir or 'this model'} reads each image's objects: caption paths or PIL "
+                             f"images (caption_paths, caption), which run the object detector")
         # On a CPU the encoder is fastest in small batches (encoders.CPU_BATCH) and its activations grow with
         # the batch, so it encodes a few images at a time while the LM decodes the whole batch.
         chunk = len(images) if self.device.type == "cuda" else CPU_BATCH
@@ -391,32 +371,38 @@ class Captioner:
             grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
             pooled = grid.mean(1)  # (B, D)
             named_objects = with_labels or grounding is not None  # these need the head (classify says so)
-            has_head = self.encoder.head is not None
-            logits = self.encoder.classify(pooled) if named_objects or (settings.forbid_absent and has_head) else None
+            logits = self.encoder.classify(pooled) if named_objects else None
             labels = self.labeler(logits) if named_objects else None
-            named = [confident(row, grounding) for row in labels] if grounding else None
+            named = ([confident(row, grounding, objects[i] if objects is not None else None)
+                      for i, row in enumerate(labels)] if grounding else None)
             features = grid if self.model.config.uses_grid else pooled
-            bans = self._bans(pooled, logits, settings)
+            bans = self._bans(settings, objects, named)
             hints = self._hints(pooled)
             if self.memory is None:
-                captions, neighbours = self._generate(features.float(), settings, labels, named, bans, hints), None
+                captions, neighbours = self.model.generate(features.float(), settings, named, bans, hints), None
             else:
-                captions, neighbours = self._vote(features.float(), pooled, settings, labels, named, bans, hints)
-        return [Captioned(c, labels[i] if with_labels else None, neighbours[i] if neighbours else None)
+                captions, neighbours = self._vote(features.float(), pooled, settings, named, bans, hints)
+        return [Captioned([tidy(t) for t in c], labels[i] if with_labels else None, neighbours[i] if neighbours else None,
+                          objects[i] if objects is not None and with_labels else None)
                 for i, c in enumerate(captions)]
 
-    def _bans(self, pooled: torch.Tensor, logits: torch.Tensor | None, settings: GenerationSettings) -> WordBans | None:
-        """With settings.forbid_absent: per image, the words for what it does not show."""
+    def _bans(self, settings: GenerationSettings, objects: list[list[Detection]] | None,
+              named: list[list[str]] | None) -> WordBans | None:
+        """With settings.forbid_absent: per image, the words for what it does not show (capcli.absent): every
+        COCO category the detector scores below settings.absent_below and no label told names."""
         if not settings.forbid_absent:
             return None
-        if self.absence is None:
-            raise ModelError(f"{self.model_dir or 'this model'} has no absence check ({ABSENT_FILE}); train it "
-                             f"again with this capcli, or leave out --forbid-absent")
-        scores = self.labeler.scores(logits) if logits is not None else None
-        absent = self.absence.absent(pooled, scores, settings.people_threshold)
+        if objects is None:
+            raise ModelError("--forbid-absent reads the object detector's objects: load the captioner with "
+                             "objects=True (the command line does)")
+        told = named or [[] for _ in objects]
+        absent = [absent_objects(row, labels, settings.absent_below) for row, labels in zip(objects, told)]
+        return self._word_bans([[w for thing in row for w in absent_words(thing)] for row in absent])
+
+    def _word_bans(self, words_per_image: list[list[str]]) -> WordBans:
         forbidden, allowed = [], []
-        for row in absent:
-            words = {w for thing in row for w in self.absence.words(thing)}
+        for row in words_per_image:
+            words = set(row)
             # Compound nouns that end in a forbidden word but name something else ("hot dog", "teddy bear").
             compounds = [c for c in compound_nouns() if c.split()[-1] in words and c not in words]
             forbidden.append(self._tokens(sorted(words)))
@@ -440,35 +426,8 @@ class Captioner:
             self._word_ids.update(zip(missing, (self.model.word_tokens([w]) for w in missing)))
         return [ids for w in words for ids in self._word_ids[w]]
 
-    def _generate(self, features: torch.Tensor, settings: GenerationSettings,
-                  labels: list[list[tuple[str, float]]] | None, named: list[list[str]] | None,
-                  bans: WordBans | None, hints: list[list[str]] | None) -> list[list[str]]:
-        """The model's captions for each image. With settings.require_labels, an image whose first caption leaves
-        out a label it was told that scores at least that is decoded again with settings.require_bonus on the
-        labels it left out; the new captions are kept where their first names one of them."""
-        captions = self.model.generate(features, settings, named, bans, hints)
-        if not settings.require_labels or named is None:
-            return captions
-        required = [[noun for noun, score in row if score >= settings.require_labels and noun in told]
-                    for row, told in zip(labels, named)]
-        missing = []
-        for nouns, texts in zip(required, captions):
-            named_already = nouns_in(texts[0]) if nouns else set()
-            missing.append([noun for noun in nouns if noun not in named_already])
-        again = [i for i, nouns in enumerate(missing) if nouns]
-        if not again:
-            return captions
-        boosting = dataclasses.replace(settings, label_bonus=settings.require_bonus)
-        retried = self.model.generate(features[again], boosting, [named[i] for i in again],
-                                      bans.rows(again) if bans else None,
-                                      [hints[i] for i in again] if hints else None, [missing[i] for i in again])
-        for i, texts in zip(again, retried):
-            if set(missing[i]) & nouns_in(texts[0]):
-                captions[i] = texts
-        return captions
-
     def _vote(self, features: torch.Tensor, pooled: torch.Tensor, settings: GenerationSettings,
-              labels: list[list[tuple[str, float]]] | None, named: list[list[str]] | None, bans: WordBans | None,
+              named: list[list[str]] | None, bans: WordBans | None,
               hints: list[list[str]] | None) -> tuple[list[list[str]], list]:
         """Decode `candidates` captions per image (beam search's N best, or N samples) and order them by how
         much the nearest images' captions agree with each (CIDEr-D); keep the best `num_captions`."""
@@ -477,7 +436,7 @@ class Captioner:
                                        beams=settings.beams if settings.sample else max(settings.beams, wide))
         neighbours = self.memory.nearest(pooled, settings.neighbours)
         ordered = []
-        for candidates, near in zip(self._generate(features, decoding, labels, named, bans, hints), neighbours):
+        for candidates, near in zip(self.model.generate(features, decoding, named, bans, hints), neighbours):
             ranked = self.memory.ranked(candidates, near)
             ordered.append((ranked * settings.num_captions)[: settings.num_captions])
         return ordered, neighbours
@@ -499,11 +458,13 @@ class Captioner:
 
         from capcli.images import open_image
 
-        pictures = [img if isinstance(img, Image.Image) else open_image(img) for img in images]
+        pictures = [img.convert("RGB") if isinstance(img, Image.Image) else open_image(img) for img in images]
         results: list[Captioned] = []
         for start in range(0, len(pictures), batch_size):
-            batch = torch.stack([self.encoder.preprocess(p.convert("RGB")) for p in pictures[start: start + batch_size]])
-            results.extend(self.caption_tensors(batch, settings, with_labels))
+            part = pictures[start: start + batch_size]
+            objects = [self.detector.detect(p) for p in part] if self.detector is not None else None
+            batch = torch.stack([self.encoder.preprocess(p) for p in part])
+            results.extend(self.caption_tensors(batch, settings, with_labels, objects))
         return results
 
     def caption_paths(self, paths: list[Path], settings: GenerationSettings, batch_size: int | None = None,
@@ -513,8 +474,9 @@ class Captioner:
         from capcli.images import image_batches
 
         batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
-        for indices, images, failed in image_batches(paths, self.encoder.preprocess, batch_size, workers):
-            results = self.caption_tensors(images, settings, with_labels) if images is not None else []
+        for indices, images, failed, objects in image_batches(paths, self.encoder.preprocess, batch_size, workers,
+                                                              self.detector):
+            results = self.caption_tensors(images, settings, with_labels, objects) if images is not None else []
             done = {i: c for i, c in zip(indices, results)}
             done.update(dict(failed))
             for i in sorted(done):

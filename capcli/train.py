@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 
 from capcli import modeldir
-from capcli.absent import ABSENT_FILE, AbsenceCheck
 from capcli.config import GenerationSettings, ModelConfig
 from capcli.data import CaptionSet
 from capcli.devices import autocast
 from capcli.errors import CapcliError
 from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
-from capcli.grounding import classifier_labels, training_example
+from capcli.grounding import classifier_labels, machine_example, training_example
 from capcli.pipeline import MEMORY_DIR, CaptionModel
 from capcli.reporting import Reporter, interrupts_deferred, sigterm_interrupts
 from capcli.scst import SelfCritical
@@ -76,6 +75,7 @@ class TrainRun:
     device: torch.device  # this process's device (launched processes: their own GPU)
     settings: TrainSettings
     checkpoint: dict | None = None  # the checkpoint to resume from
+    detector: object | None = None  # the object detector of a model that reads objects (capcli.detector)
 
 
 @dataclass
@@ -86,7 +86,7 @@ class FeatureSet:
     pairs: list[tuple[int, list[int]]]  # (image index, caption ids)
     images: list[Path]
     texts: list[str]  # the caption of each pair, for grounded training
-    labels: list[list[str]] | None = None  # per image, the classifier's confident nouns (grounded models)
+    labels: list[list[str]] | None = None  # per image, the labels captioning tells (grounded models)
     hints: list[list[str]] | None = None  # per image, similar training images' captions, best first (retrieval)
 
     @functools.cached_property
@@ -196,7 +196,6 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         run.config.save(run.out / modeldir.CONFIG_FILE)
-        _write_absence_check(run.out, train_set, run.encoder, report)
     return state
 
 
@@ -232,22 +231,6 @@ def _pooled(features: torch.Tensor) -> torch.Tensor:
     """(I, D) pooled features from pooled or grid (I, N, D) ones, without a float32 copy of a grid."""
     features = features.cpu()
     return features.float() if features.dim() == 2 else features.mean(1, dtype=torch.float32)
-
-
-def _write_absence_check(out: Path, data: FeatureSet, encoder, report: Reporter) -> None:
-    """Fit what tells that a photo does not show something (capcli.absent) on the training photos: seconds."""
-    from capcli.labels import Labeler
-
-    pooled = _pooled(data.features)
-    scores = None
-    if encoder.head is not None:
-        labeler = Labeler()
-        with torch.no_grad():
-            scores = torch.cat([labeler.scores(encoder.classify(chunk)).cpu() for chunk in pooled.split(1024)])
-    check = AbsenceCheck.fit(pooled, scores, data.captions_per_image())
-    check.save(out / ABSENT_FILE)
-    report.line("absence check: " + ("a people probe" if check.people else "no people probe (the captions all "
-                "name people, or none does)") + (f"; floors for {', '.join(check.floors)}" if check.floors else ""))
 
 
 def _units(data: FeatureSet, settings: TrainSettings) -> int:
@@ -319,7 +302,7 @@ def _features(data: CaptionSet, model: CaptionModel, run: TrainRun, device, repo
     """Extract what the cache lacks, then load this set's features and tokenize its captions."""
     images = data.images
     digests, _, failures = extract(images, run.encoder, run.cache, device,
-                                   progress=report.progress(len(images), f"features ({name})"))
+                                   progress=report.progress(len(images), f"features ({name})"), detector=run.detector)
     for error in failures:
         report.warn(f"{error}: left out")
     kept = [p for p in images if p in digests]
@@ -334,7 +317,9 @@ def _features(data: CaptionSet, model: CaptionModel, run: TrainRun, device, repo
     labels = None
     if model.config.grounding is not None:
         pooled = features.float() if features.dim() == 2 else features.float().mean(1)
-        labels = classifier_labels(run.encoder, pooled, model.config.grounding)
+        objects = (run.cache.objects(run.detector.detector_id, [digests[p] for p in kept])
+                   if run.detector is not None else None)
+        labels = classifier_labels(run.encoder, pooled, model.config.grounding, objects)
     return FeatureSet(features, [(i, t) for (i, _), t in zip(pairs, ids)], kept, [c for _, c in pairs], labels)
 
 
@@ -350,6 +335,10 @@ def _inputs(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | 
         return [data.pairs[r][1] for r in rows], None, before
     if step is None:
         labels = [data.labels[data.pairs[r][0]] for r in rows]
+        return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows)), before
+    if grounding.train_labels == "machine":
+        labels = [machine_example(data.labels[data.pairs[r][0]], grounding, random.Random(f"{settings.seed}:{step}:{r}"))
+                  for r in rows]
         return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows)), before
     examples = [training_example(data.texts[r], grounding, random.Random(f"{settings.seed}:{step}:{r}"))
                 for r in rows]

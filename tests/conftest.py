@@ -108,8 +108,9 @@ def shapes_data(tmp_path) -> Path:
 
 
 def expected_caption(name: str) -> str:
+    """The caption of a shapes_data image, as capcli writes it (trained on "a red circle .")."""
     n = int(name[3:6])
-    return f"a {list(COLOURS)[n % 3]} {SHAPES[(n // 3) % 2]} ."
+    return f"A {list(COLOURS)[n % 3]} {SHAPES[(n // 3) % 2]}."
 
 
 @pytest.fixture
@@ -171,3 +172,37 @@ def make_images(folder: Path, count: int = 3) -> list[Path]:
         draw_shape(path, list(COLOURS)[n % 3], SHAPES[n % 2], rng)
         paths.append(path)
     return paths
+
+
+class ColourDetector:
+    """A tiny stand-in for the COCO detector: the bounding box of the non-white pixels, labelled by their
+    colour (red: apple, green: broccoli, blue: cup). Picklable, as the real one, for decoding workers."""
+
+    detector_id = "colour-detector@test"
+    LABELS = {"red": "apple", "green": "broccoli", "blue": "cup"}
+
+    def detect(self, image):
+        import numpy as np
+
+        from capcli.detector import Detection
+
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
+        ys, xs = np.nonzero((pixels < 200).any(-1))
+        if len(xs) == 0:
+            return []
+        mean = pixels[ys, xs].mean(0)
+        colour = min(COLOURS, key=lambda c: sum((m - v) ** 2 for m, v in zip(mean, COLOURS[c])))
+        h, w = pixels.shape[:2]
+        box = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
+        return [Detection(self.LABELS[colour], 0.9, tuple(round(float(v), 4) for v in box))]
+
+
+@pytest.fixture(autouse=True)
+def colour_detector(request, monkeypatch):
+    """The colour stand-in in place of the default detector (`--objects`, `--labels`, models that read objects),
+    except in the tests marked real, which use the real detector that `capcli setup` fetched."""
+    from capcli import detector
+
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setitem(detector.DETECTORS, detector.DEFAULT_DETECTOR, lambda log: ColourDetector())
+    return ColourDetector()

@@ -168,7 +168,7 @@ def test_extract_then_train_reuses_the_feature_cache(shapes_data, tiny_lm, tmp_p
                                  "--prefix-length", "2", "--hidden-size", "8"])
     assert result.exit_code == 0, result.output
     assert "epoch 1" in result.stderr
-    assert sorted(p.name for p in model.iterdir()) == ["absent.safetensors", "checkpoint.pt", "config.json",
+    assert sorted(p.name for p in model.iterdir()) == ["checkpoint.pt", "config.json",
                                                         "loss_curve.png", "mapper.safetensors", "train_log.jsonl"]
 
 
@@ -204,3 +204,34 @@ def test_precision_sets_the_lm_autocast_and_fp32_is_the_cpu_default(tiny_model, 
         layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
         captioner.caption(images[:1], max_new_tokens=2)
         assert seen and set(seen) == {dtype}, precision
+
+
+def test_a_folder_named_like_a_photo_is_reported_not_skipped(tiny_model, tmp_path):
+    [image] = make_images(tmp_path / "imgs", 1)
+    (tmp_path / "holiday.jpg").mkdir()
+    result = runner.invoke(app, ["caption", str(image), str(tmp_path / "holiday.jpg"), "--model", str(tiny_model)])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'holiday.jpg'}: is a folder, not an image" in result.stderr
+    assert "captioned 1 image;" in result.stderr
+
+
+def test_failures_are_recorded_in_a_jsonl_output_and_tried_again_on_resume(tiny_model, tmp_path, read_jsonl):
+    [image] = make_images(tmp_path, 1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out.jsonl"
+    result = caption(str(tmp_path), "--model", str(tiny_model), "-f", "jsonl", "-o", str(out))
+    assert result.exit_code == 1
+    records = {r["image"]: r for r in read_jsonl(out.read_text())}
+    assert "not an image" in records[str(broken)]["error"] and "caption" in records[str(image)]
+    make_images(tmp_path / "fixed", 1)[0].replace(broken)  # the file is mended: --resume captions it
+    again = caption(str(tmp_path), "--model", str(tiny_model), "-f", "jsonl", "-o", str(out), "--resume")
+    assert again.exit_code == 0, again.output
+    assert "caption" in read_jsonl(out.read_text())[-1] and read_jsonl(out.read_text())[-1]["image"] == str(broken)
+
+
+def test_library_progress_bars_stay_out_of_log_files():
+    code = ("from capcli.cli import quiet_library_bars; quiet_library_bars(); "
+            "from tqdm import tqdm; [None for _ in tqdm(range(3), desc='converting')]")
+    done = subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, check=True)
+    assert "\r" not in done.stderr and "converting" not in done.stderr

@@ -76,6 +76,42 @@ def test_sidecar_dir_mirrors_the_input_folders_and_leaves_the_photos_alone(tiny_
     assert again.exit_code == 0 and "skipping 3 images already captioned" in again.stderr
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".xmp"])
+def test_two_images_that_would_share_a_sidecar_are_both_reported_and_neither_overwritten(tiny_model, tmp_path, suffix):
+    from PIL import Image
+
+    [png] = make_images(tmp_path, 1)
+    jpeg = png.with_suffix(".jpg")
+    Image.open(png).convert("RGB").save(jpeg)
+    result = caption(tiny_model, str(tmp_path), "--sidecar", suffix)
+    assert result.exit_code == 1 and not png.with_suffix(suffix).exists()
+    assert all(f"{image}: its sidecar" in result.stderr for image in (png, jpeg)) and "--sidecar-name full" in result.stderr
+    kept = caption(tiny_model, str(tmp_path), "--sidecar", suffix, "--sidecar-name", "full")
+    assert kept.exit_code == 0, kept.output
+    assert (tmp_path / f"{png.name}{suffix}").is_file() and (tmp_path / f"{jpeg.name}{suffix}").is_file()
+
+
+def test_mirrored_sidecars_that_would_collide_are_reported_too(tiny_model, tmp_path):
+    from PIL import Image
+
+    [png] = make_images(tmp_path / "photos", 1)
+    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"))
+    result = caption(tiny_model, str(tmp_path / "photos"), "--sidecar", ".txt", "--sidecar-dir", str(tmp_path / "out"))
+    assert result.exit_code == 1 and result.stderr.count("its sidecar") == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_keywords_and_outputs_leave_out_unsure_labels_and_objects(tiny_model, tmp_path, colour_detector, read_jsonl):
+    [image] = make_images(tmp_path, 1)  # a red shape: the stand-in sees an apple at 0.9
+    sure = caption(tiny_model, str(image), "--labels", "-f", "jsonl", "--sidecar", ".xmp", "-o", str(tmp_path / "a.jsonl"))
+    assert sure.exit_code == 0, sure.output
+    [record] = read_jsonl((tmp_path / "a.jsonl").read_text())
+    assert [o["label"] for o in record["objects"]] == ["apple"] and all(s >= 0.5 for _, s in record["labels"])
+    assert "apple" in read_xmp(image.with_suffix(".xmp").read_bytes())[1]
+    unsure = caption(tiny_model, str(image), "--labels", "-f", "jsonl", "--min-score", "0.95")
+    assert read_jsonl(unsure.stdout)[0]["objects"] == []
+
+
 def test_xmp_packets_round_trip_with_description_and_subjects():
     packet = xmp_packet('A cat on a "red" mat <3 & more', ["cat", "mat"])
     assert packet.startswith(b"<?xpacket begin=") and packet.rstrip().endswith(b'<?xpacket end="w"?>')
@@ -196,6 +232,7 @@ def test_the_contact_sheet_is_one_page_with_thumbnails_captions_and_failures(tin
     assert page.count('src="data:image/jpeg;base64,') == 2 and "http" not in page.replace("http-equiv", "")
     assert "1 failed" in page and "broken.png" in page.split("1 failed")[1]
     assert len(page) < 40_000  # thumbnails, not the photos
+    assert f'<a href="{(tmp_path / "photos" / "red.png").resolve().as_uri()}"><img' in page  # links to the photo
 
 
 def screenshot(page: Path, out: Path, fragment: str = "") -> dict[str, int]:
@@ -224,6 +261,8 @@ def test_the_contact_sheet_shows_its_thumbnails_in_a_browser_and_filters_them(ti
     assert shown["red"] > 5000 and shown["blue"] > 5000, shown  # a thumbnail is about 192 x 128 pixels
     filtered = screenshot(sheet, tmp_path / "red.png", "#q=red.png")
     assert filtered["red"] > 5000 and filtered["blue"] == 0, filtered
+    part_of_a_word = screenshot(sheet, tmp_path / "re.png", "#q=re")  # whole words only: "re" is not "red"
+    assert part_of_a_word["red"] < 5000 and part_of_a_word["blue"] == 0, part_of_a_word  # the red: failures' text
 
 
 def test_a_second_job_writing_the_same_output_stops_naming_the_first(tiny_model, tmp_path):
