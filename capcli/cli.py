@@ -169,14 +169,48 @@ def command(fn):
     return wrapper
 
 
+# Options by what they are for, so that `--help` shows them in groups (rich help panels); the rest stay under
+# "Options".
+PANELS = {
+    "Output": ("format", "output", "resume", "sidecar", "sidecar_dir", "sidecar_name", "embed", "existing", "join",
+               "caption_prefix", "caption_suffix", "labels", "min_score", "explain", "report"),
+    "Decoding": ("beams", "sample", "temperature", "top_p", "top_k", "seed", "num_captions", "max_new_tokens",
+                 "min_new_tokens", "no_repeat_ngram_size", "length_penalty", "forbid_absent", "absent_below",
+                 "prompt"),
+    "Retrieval memory": ("memory", "memory_mode", "neighbours", "candidates"),
+    "Jobs and devices": ("shard", "batch_size", "workers", "device", "precision", "encoder_weights"),
+}
+PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
+
+
 def _with_quiet(fn):
-    """The command's signature for Typer: its options without `reporter`, plus --quiet."""
+    """The command's signature for Typer: its options without `reporter`, plus --quiet; caption's and eval's
+    options in their help panels."""
     import inspect
 
     signature = inspect.signature(fn, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "reporter"]
+    if fn.__name__ in ("caption", "evaluate"):
+        params = [_in_panel(p, PANEL_OF.get(p.name)) for p in params]
     quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=QuietOpt)
     return signature.replace(parameters=[*params, quiet])
+
+
+def _in_panel(param, panel: str | None):
+    """The parameter with a copy of its typer.Option placed in a help panel (options are shared by commands)."""
+    import copy
+    import typing
+
+    if panel is None or typing.get_origin(param.annotation) is not Annotated:
+        return param
+    kind, *extras = typing.get_args(param.annotation)
+    placed = []
+    for extra in extras:
+        if isinstance(extra, typer.models.OptionInfo):
+            extra = copy.copy(extra)
+            extra.rich_help_panel = panel
+        placed.append(extra)
+    return param.replace(annotation=Annotated[(kind, *placed)])
 
 
 def _version(value: bool):
@@ -259,11 +293,11 @@ def train(
     tune_labels: Annotated[Optional[TuneLabels], typer.Option(help="--objective cider, grounded models: the labels in the prompt are the classifier's (classifier, as when captioning) or a training caption's own nouns (captions, as in --grounded training) [default: classifier].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Captions per step (images per step with --objective cider) [default: 32].")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay) [default: 5e-4].")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(min=1, help="[default: 100]")] = None,
-    max_caption_tokens: Annotated[Optional[int], typer.Option(min=2, help="[default: 40]")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(min=1, help="Steps of linear learning-rate warm-up before the cosine decay [default: 100].")] = None,
+    max_caption_tokens: Annotated[Optional[int], typer.Option(min=2, help="Longer captions are cut to this many tokens, end of text included [default: 40].")] = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after N steps (the schedule ends there).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="Save a checkpoint every N steps [default: 100].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the shuffling, the initialisation and the label draws [default: 0].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint, with its own settings.")] = False,
     device: DeviceOpt = Device.auto,
     precision: Annotated[Optional[Precision], typer.Option(help=PRECISION_HELP)] = None,
@@ -320,7 +354,7 @@ def caption(
     absent_below: AbsentBelowOpt = None,
     prompt: Annotated[Optional[str], typer.Option(help="Override the model's text prompt after the prefix.")] = None,
     labels: Annotated[bool, typer.Option("--labels", "--objects", help="Also output what the eyes see: the object detector's objects (with boxes) and the classifier's nouns, with their scores; XMP and --embed get them as keywords.")] = False,
-    min_score: Annotated[float, typer.Option(min=0, max=1, help="With --labels: leave out objects and nouns scoring less, from every output and keyword.")] = 0.5,
+    min_score: Annotated[Optional[float], typer.Option(min=0, max=1, help="With --labels: leave out objects and nouns scoring less, from every output and keyword [default: the model's, 0.5].")] = None,
     memory: MemoryOpt = None,
     memory_mode: MemoryModeOpt = MemoryMode.replace,
     neighbours: NeighboursOpt = None,

@@ -90,6 +90,7 @@ class ModelConfig:
     grounding: GroundingConfig | None = None  # labels in the prompt; None: the prefix alone
     retrieval: RetrievalConfig | None = None  # similar images' captions before the prefix; needs a memory
     detector: str | None = None  # the object detector whose objects ground the captions (capcli.detector)
+    min_score: float = 0.5  # outputs and keywords leave out labels and objects scoring less (chosen on dev)
     encoder_weights: str | None = None  # the weights file trained with, if not the packaged or hub weights
     generation: dict = field(default_factory=dict)  # default decoding settings for this model
     training: dict = field(default_factory=dict)  # provenance: how it was trained
@@ -100,6 +101,8 @@ class ModelConfig:
             raise ModelError(f"unknown mapper {self.mapper!r}: choose one of {', '.join(MAPPER_KINDS)}")
         if self.prefix_length < 1:
             raise ModelError(f"prefix length must be at least 1, got {self.prefix_length}")
+        if not 0 <= self.min_score <= 1:
+            raise ModelError(f"min_score must lie between 0 and 1, got {self.min_score}")
         if isinstance(self.grounding, dict):
             self.grounding = _strict(GroundingConfig, self.grounding, "grounding")
         if isinstance(self.retrieval, dict):

@@ -312,7 +312,7 @@ class CaptionJob:
     memory_mode: str = "replace"  # the memories replace the model's own, or are added to it
     explain: bool = False  # JSONL records list the neighbours that voted
     precision: str = "auto"  # autocast while captioning: see devices.autocast
-    min_score: float = 0.5  # labels and objects scoring less are left out of outputs and keywords
+    min_score: float | None = None  # labels and objects scoring less are left out of outputs (default: the model's)
     sidecar_name: str = "stem"  # sidecars replace the image's suffix (a.txt) or, "full", follow it (a.jpg.txt)
 
 
@@ -466,6 +466,7 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
     if job.prompt is not None:
         captioner.model.set_prompt(job.prompt)
     settings = captioner.settings(**job.decoding)
+    min_score = job.min_score if job.min_score is not None else captioner.model.config.min_score
     done = 0
     with _output_stream(output, job.resume, stdout, whole=job.format == "html") as stream:
         writer = None if ((job.sidecar or job.embed) and output is None) else _writer(job, stream, header)
@@ -474,7 +475,7 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
             for path, result in captioned(captioner, images, settings, job, report, job.labels, on_failure):
                 captions = [job.caption_prefix + caption + job.caption_suffix for caption in result.captions]
                 try:
-                    labels, objects = _sure(result, job.min_score)
+                    labels, objects = _sure(result, min_score)
                     _write_one(job, path, keys, captions, labels, result.neighbours, writer, objects)
                 except InputError as exc:  # this file could not take its caption: report it, go on
                     report.warn(str(exc))

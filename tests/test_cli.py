@@ -235,3 +235,14 @@ def test_library_progress_bars_stay_out_of_log_files():
             "from tqdm import tqdm; [None for _ in tqdm(range(3), desc='converting')]")
     done = subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, check=True)
     assert "\r" not in done.stderr and "converting" not in done.stderr
+
+
+def test_help_groups_caption_options_and_every_train_option_says_what_it_does():
+    import typer as typer_module
+
+    shown = runner.invoke(app, ["caption", "--help"]).stdout
+    assert all(f"─ {panel} " in shown for panel in ("Output", "Decoding", "Retrieval memory", "Jobs and devices"))
+    train = typer_module.main.get_command(app).commands["train"]
+    for param in train.params:
+        if param.param_type_name == "option":
+            assert param.help and not param.help.startswith("["), f"{param.opts[0]} has no help"
