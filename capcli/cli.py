@@ -93,7 +93,7 @@ MaxNewOpt = Annotated[Optional[int], typer.Option(min=1, help="Longest caption, 
 MinNewOpt = Annotated[Optional[int], typer.Option(min=0, help="Shortest caption, in tokens.")]
 NoRepeatOpt = Annotated[Optional[int], typer.Option(min=0, help="Never repeat an n-gram of this size (0: allow).")]
 LengthPenaltyOpt = Annotated[Optional[float], typer.Option(help="Beam search: divide a beam's log-probability by its length to this power; above 1 favours longer captions [default: 1].", show_default=False)]
-ForbidAbsentOpt = Annotated[Optional[bool], typer.Option("--forbid-absent/--allow-absent", help="No words for what the object detector does not see: people (man, women, skier, ...), dogs, any animal, and COCO's other objects [default: the model's].", show_default=False)]
+ForbidAbsentOpt = Annotated[Optional[bool], typer.Option("--forbid-absent/--allow-absent", help="No words for what the object detector does not see: people (man, women, skier, ...), dogs and COCO's other objects [default: the model's].", show_default=False)]
 AbsentBelowOpt = Annotated[Optional[float], typer.Option(min=0, max=1, help="With --forbid-absent: a COCO object the detector scores below this is absent [default: the model's, 0.3].")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     help="Take part I of N (0 <= I < N) of the inputs, by a stable hash of each path relative to the root "
@@ -377,8 +377,7 @@ def caption(
     decoding = dict(beams=beams, sample=sample or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     num_captions=num_captions, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, forbid_absent=forbid_absent,
-                    absent_below=absent_below, neighbours=neighbours,
-                    candidates=candidates)
+                    absent_below=absent_below, neighbours=neighbours, candidates=candidates)
     return caption_job(CaptionJob(paths, model, recursive, format.value, output, resume, sidecar, existing.value,
                                   decoding, prompt, labels, shard, batch_size, workers, device.value, encoder_weights,
                                   embed, sidecar_dir, caption_prefix, caption_suffix, join, memory or [],
@@ -419,8 +418,7 @@ def evaluate(
 
     decoding = dict(beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty, forbid_absent=forbid_absent,
-                    absent_below=absent_below, neighbours=neighbours,
-                    candidates=candidates)
+                    absent_below=absent_below, neighbours=neighbours, candidates=candidates)
     summary, result = eval_job(EvalJob(data, split, model, decoding, output, report, batch_size, workers,
                                        device.value, encoder_weights, memory or [], memory_mode.value,
                                        precision.value), reporter)

@@ -179,17 +179,22 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
     digests: dict[Path, str] = {}
     failures: list[InputError] = []
     todo: dict[str, Path] = {}  # one path per distinct content
+    encoded_already: set[str] = set()  # in todo for their objects only
     for path, sha in cache.digests(paths):
         if sha is None:
             failures.append(InputError(path, "cannot read the file"))
             progress(1)
             continue
         digests[path] = sha
-        if sha in todo or (cache.has(encoder.encoder_id, sha)
-                           and (detector is None or cache.has_objects(detector.detector_id, sha))):
+        if sha in todo:
             progress(1)
-        else:
+        elif not cache.has(encoder.encoder_id, sha):
             todo[sha] = path
+        elif detector is not None and not cache.has_objects(detector.detector_id, sha):
+            todo[sha] = path
+            encoded_already.add(sha)
+        else:
+            progress(1)
     encoded = 0
     failed_shas: set[str] = set()
     batch_size = batch_size or (64 if device.type == "cuda" else CPU_BATCH)
@@ -206,14 +211,15 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
                 for i, error in failed:
                     failures.append(error)
                     failed_shas.add(shas[i])
-                if images is not None:
+                if objects is not None:
+                    cache.add_objects(detector.detector_id, [shas[i] for i in indices], objects)
+                new = [k for k, i in enumerate(indices) if shas[i] not in encoded_already]
+                if new:
                     with torch.inference_mode(), autocast(device):
-                        grid = encoder(images.to(device)).float()  # (B, N, D)
-                    buffer.append(([shas[i] for i in indices], grid.mean(1).cpu(), grid.cpu()))
-                    if objects is not None:
-                        cache.add_objects(detector.detector_id, [shas[i] for i in indices], objects)
-                    buffered += len(indices)
-                    encoded += len(indices)
+                        grid = encoder(images[new].to(device)).float()  # (B, N, D)
+                    buffer.append(([shas[indices[k]] for k in new], grid.mean(1).cpu(), grid.cpu()))
+                    buffered += len(new)
+                    encoded += len(new)
                 if buffered >= SHARD_SIZE:
                     _flush(cache, encoder.encoder_id, buffer)
                     buffer, buffered = [], 0

@@ -526,8 +526,8 @@ def _writer(job: CaptionJob, stream: TextIO, header: bool):
 
 def _sure(result, min_score: float) -> tuple[list | None, list | None]:
     """The labels and objects of a result that score at least min_score: what outputs and keywords show."""
-    labels = [(noun, score) for noun, score in result.labels if score >= min_score] if result.labels else result.labels
-    objects = [d for d in result.objects if d.score >= min_score] if result.objects else result.objects
+    labels = None if result.labels is None else [(n, score) for n, score in result.labels if score >= min_score]
+    objects = None if result.objects is None else [d for d in result.objects if d.score >= min_score]
     return labels, objects
 
 

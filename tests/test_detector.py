@@ -105,3 +105,19 @@ def test_the_real_detector_sees_the_examples(real_cache):
             for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")}
     assert "person" in sure["astronaut.png"] and "cat" in sure["chelsea.png"] and "cup" in sure["coffee.png"]
     assert sure["rocket.jpg"] == set()
+
+
+def test_extract_objects_detects_what_the_cache_lacks_without_encoding_again(shapes_data, tmp_path):
+    from capcli.features import FeatureCache
+
+    args = ["extract", "--data", str(shapes_data), "--out", str(tmp_path / "f"), "--encoder", "tiny-random-cnn",
+            "--workers", "0"]
+    assert runner.invoke(app, args).exit_code == 0
+    shards = sorted((tmp_path / "f" / "shards").rglob("*.safetensors"))
+    again = runner.invoke(app, [*args, "--objects"])
+    assert again.exit_code == 0, again.output
+    assert "encoded 0 images" in again.stderr  # the features were there: only the objects were missing
+    assert sorted((tmp_path / "f" / "shards").rglob("*.safetensors")) == shards
+    cache = FeatureCache(tmp_path / "f")
+    sha = cache.digest(shapes_data / "images" / "img000.png")
+    assert [d.label for d in cache.objects("colour-detector@test", [sha])[0]] == ["apple"]
