@@ -43,6 +43,7 @@ class Objective(str, Enum):
 class TrainLabels(str, Enum):
     captions = "captions"
     machine = "machine"
+    mix = "mix"
 
 
 class TuneLabels(str, Enum):
@@ -282,7 +283,7 @@ def train(
     label_drop: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of leaving out each of a caption's nouns.")] = 0.4,
     label_swap: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of swapping a noun for another of its kind (dog -> cat) in labels and caption.")] = 0.2,
     objects: Annotated[bool, typer.Option("--objects", help="--grounded: also tell the COCO object detector's objects, with counts (\"2 people, dog\"); captioning then runs the detector.")] = False,
-    train_labels: Annotated[TrainLabels, typer.Option(help="--grounded: train on each caption's own nouns (captions) or on the labels captioning tells for the photo (machine).")] = TrainLabels.captions,
+    train_labels: Annotated[TrainLabels, typer.Option(help="--grounded: train on each caption's own nouns (captions) on the labels captioning tells for the photo (machine), or half and half (mix).")] = TrainLabels.captions,
     retrieval: Annotated[bool, typer.Option("--retrieval", help="Put similar training images' captions in the prompt; the training set becomes the model's memory.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Start from this model dir's mapper weights (same encoder, LM and sizes).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the captions [default: 5; with --resume: the run's own].")] = None,

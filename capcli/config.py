@@ -30,7 +30,8 @@ class GroundingConfig:
     swap: float = 0.2  # training on captions' nouns: probability of swapping one noun for another of its kind
     object_threshold: float = 0.5  # models with a detector: an object is told when its score reaches this
     # training: "captions" tells each caption's own nouns (dropped and swapped); "machine" tells what captioning
-    # tells (the detector's objects and the classifier's nouns for the photo), each label dropped with `drop`.
+    # tells (the detector's objects and the classifier's nouns for the photo), each label dropped with `drop`;
+    # "mix" tells one or the other, drawn half and half for each caption.
     train_labels: str = "captions"
 
     def __post_init__(self):
@@ -38,8 +39,8 @@ class GroundingConfig:
             raise ModelError("grounding template must contain {labels}")
         if not all(0 <= v <= 1 for v in (self.drop, self.swap, self.threshold, self.object_threshold)):
             raise ModelError("grounding drop, swap, threshold and object_threshold must lie between 0 and 1")
-        if self.train_labels not in ("captions", "machine"):
-            raise ModelError(f"grounding train_labels must be captions or machine, not {self.train_labels!r}")
+        if self.train_labels not in ("captions", "machine", "mix"):
+            raise ModelError(f"grounding train_labels must be captions, machine or mix, not {self.train_labels!r}")
 
     def text(self, labels: list[str]) -> str:
         return self.template.format(labels=", ".join(labels) if labels else self.no_labels)

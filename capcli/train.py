@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from capcli import modeldir
-from capcli.config import GenerationSettings, ModelConfig
+from capcli.config import GenerationSettings, GroundingConfig, ModelConfig
 from capcli.data import CaptionSet
 from capcli.devices import autocast
 from capcli.errors import CapcliError
@@ -336,14 +336,17 @@ def _inputs(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | 
     if step is None:
         labels = [data.labels[data.pairs[r][0]] for r in rows]
         return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows)), before
-    if grounding.train_labels == "machine":
-        labels = [machine_example(data.labels[data.pairs[r][0]], grounding, random.Random(f"{settings.seed}:{step}:{r}"))
-                  for r in rows]
-        return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows)), before
-    examples = [training_example(data.texts[r], grounding, random.Random(f"{settings.seed}:{step}:{r}"))
-                for r in rows]
+    examples = [_example(data, r, grounding, random.Random(f"{settings.seed}:{step}:{r}")) for r in rows]
     ids = model.tokenize([caption for _, caption in examples], settings.max_caption_tokens)
     return ids, model.context_ids([labels for labels, _ in examples], len(rows)), before
+
+
+def _example(data: FeatureSet, row: int, grounding: GroundingConfig, rng: random.Random) -> tuple[list[str], str]:
+    """(labels, caption) for one training row, by the grounding's train_labels."""
+    machine = grounding.train_labels == "machine" or (grounding.train_labels == "mix" and rng.random() < 0.5)
+    if machine:
+        return machine_example(data.labels[data.pairs[row][0]], grounding, rng), data.texts[row]
+    return training_example(data.texts[row], grounding, rng)
 
 
 def _hint_ids(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | None,

@@ -4,6 +4,7 @@ captions never empty; models and encoders that cannot give labels are refused wi
 import csv
 import io
 import json
+import random
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.config import GenerationSettings
+from capcli.config import GenerationSettings, GroundingConfig
 from capcli.errors import ModelError
 from capcli.images import open_image
 from capcli.pipeline import Captioner
@@ -150,3 +151,15 @@ def test_self_critical_tuning_with_caption_labels_names_a_training_caption_s_nou
     assert any(labels for labels in told)  # some of the two nouns survive the drop
     settings = json.loads((tmp_path / "tuned" / "config.json").read_text())["training"]
     assert settings["tune_labels"] == "captions"
+
+
+def test_mixed_training_labels_tell_the_photos_labels_for_some_captions_and_the_captions_nouns_for_others():
+    from types import SimpleNamespace
+
+    from capcli.train import _example
+
+    data = SimpleNamespace(pairs=[(0, None)], texts=["A dog runs after a cat ."], labels=[["person", "frisbee"]])
+    mix = GroundingConfig(drop=0.0, swap=0.0, train_labels="mix")
+    told = {tuple(_example(data, 0, mix, random.Random(seed))[0]) for seed in range(40)}
+    assert told == {("person", "frisbee"), ("dog", "cat")}
+    assert _example(data, 0, GroundingConfig(drop=0.0, train_labels="machine"), random.Random(0))[0] == ["person", "frisbee"]
