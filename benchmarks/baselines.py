@@ -46,7 +46,7 @@ def _encode_one(captioner, path: Path) -> tuple[torch.Tensor, list[list[str]] | 
     if grounding is not None:
         objects = captioner.detector.detect(image) if captioner.detector is not None else None
         labels = [confident(captioner.labeler(captioner.encoder.classify(grid.mean(1)))[0], grounding, objects)]
-    return (grid if captioner.model.config.uses_grid else grid.mean(1)).float(), labels
+    return grid.mean(1).float(), labels
 
 
 @torch.inference_mode()

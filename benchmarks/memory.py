@@ -2,12 +2,9 @@
 
     python benchmarks/memory.py --memory runs/flickr-train-memory          # 48 Flickr8k dev images
     python benchmarks/memory.py --memory DIR --images 16
-    python benchmarks/memory.py --memory DIR --retrieval-model MODEL_DIR   # also a model trained with --retrieval
 
 Rows: the default decoding (beam 3); beam 5 returning its 5 best (what the vote decodes); and beam 5 with
-the memory's vote (search, then CIDEr-D consensus over 5 neighbours). With --retrieval-model, that model with
-the same memory in its prompt: at beam 3 without the vote (`--candidates 1`), and with it. Seconds after one
-warm-up batch. Writes benchmarks/results/memory-cpu.md.
+the memory's vote (search, then CIDEr-D consensus over 5 neighbours). Seconds after one warm-up batch. Writes benchmarks/results/memory-cpu.md.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory", type=Path, required=True)
     parser.add_argument("--images", type=int, default=48)
-    parser.add_argument("--retrieval-model", type=Path, help="a model dir trained with --retrieval")
     args = parser.parse_args()
 
     names = (DEV / "dev.txt").read_text().split()[: args.images]
@@ -51,15 +47,9 @@ def main() -> None:
     rows = [("default (beam 3), no memory", timed(False)),
             ("beam 5, its 5 best decoded, no memory", timed(False, beams=5, num_captions=5)),
             ("beam 5 + memory vote (5 candidates, 5 neighbours)", timed(True, beams=5))]
-    if args.retrieval_model:
-        retrieval = Captioner.load(args.retrieval_model, device="cpu")
-        rows += [(f"{args.retrieval_model}: the memory's captions in the prompt, beam 3 (`--candidates 1`)",
-                  timed(True, retrieval, candidates=1)),
-                 (f"{args.retrieval_model}: in the prompt, and beam 5 + vote", timed(True, retrieval))]
     base = rows[1][1]
     lines = [f"# Captioning with a memory, {platform.machine()}, {torch.get_num_threads()} threads", "",
              f"`python benchmarks/memory.py --memory {args.memory} --images {args.images}"
-             + (f" --retrieval-model {args.retrieval_model}" if args.retrieval_model else "")
              + f"`: {len(names)} Flickr8k dev images, memory of {len(captioner.memory)} images.", "",
              "| decoding | seconds | images/s | vs beam 5 without memory | vs the default beam 3 without memory |",
              "| --- | --- | --- | --- | --- |"]

@@ -100,7 +100,7 @@ def bench_extract(captioner, paths, device, workdir, repeats: int = 3) -> dict:
         capcli_s = min(capcli_s, seconds)
         seed, seconds = timed(seed_extract, paths, captioner.model.config.encoder, encoder.preprocess, device)
         seed_s = min(seed_s, seconds)
-    ours = cache.load(encoder.encoder_id, [digests[p] for p in paths], grid=False)
+    ours = cache.load(encoder.encoder_id, [digests[p] for p in paths])
     # The ceiling: the encoder alone on images already decoded, at capcli's batch size, no files and no cache
     decoded = torch.stack([encoder.preprocess(open_image(p)) for p in paths])
     for _ in range(repeats):
@@ -150,14 +150,13 @@ def bench_train(captioner, paths, captions, device, steps, batch_size, workdir) 
     ids = model.tokenize(captions, 40)
     cache = FeatureCache(workdir / "extract-cache")
     digests, _, _ = extract(paths, captioner.encoder, cache, device)
-    cached = cache.load(captioner.encoder.encoder_id, [digests[p] for p in paths], grid=model.config.uses_grid)
+    cached = cache.load(captioner.encoder.encoder_id, [digests[p] for p in paths])
     batches = [[(step * batch_size + i) % len(paths) for i in range(batch_size)] for step in range(steps + 1)]
 
     def encode(rows):  # what training without a feature cache does at every step
         images = torch.stack([captioner.encoder.preprocess(open_image(paths[r])) for r in rows]).to(device)
         with torch.inference_mode(), autocast(device):
-            grid = captioner.encoder(images).float()
-        return (grid if model.config.uses_grid else grid.mean(1)).clone()
+            return captioner.encoder(images).float().mean(1).clone()
 
     def run(features_of, precision="auto") -> tuple[float, list[float]]:
         model.mapper.load_state_dict(start)

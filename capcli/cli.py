@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from capcli import __version__
-from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, DEVICES, MAPPER_KINDS
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, DEVICES
 from capcli.errors import EXIT_INTERRUPTED, EXIT_SOME_INPUTS_FAILED, CapcliError
 from capcli.jobs import CaptionJob, EvalJob, ExtractJob, JobResult, TrainJob
 from capcli.reporting import Reporter, sigterm_interrupts
@@ -32,7 +32,6 @@ app = typer.Typer(
 
 
 Device = Enum("Device", {name: name for name in DEVICES}, type=str)
-MapperKind = Enum("MapperKind", {name: name for name in MAPPER_KINDS}, type=str)
 
 
 class Objective(str, Enum):
@@ -274,17 +273,14 @@ def train(
     encoder: Annotated[Optional[str], typer.Option(help=f"Image encoder: efficientnet-lite0/1/2 or a torchvision model name [default: {DEFAULT_ENCODER}].")] = None,
     encoder_weights: EncoderWeightsOpt = None,
     lm: Annotated[Optional[str], typer.Option(help=f"Frozen LM: smollm2-135m, a hub name, a local folder or a .gguf file [default: {DEFAULT_LM}].")] = None,
-    mapper: Annotated[Optional[MapperKind], typer.Option(help="mlp reads pooled features; transformer reads grid tokens [default: mlp].")] = None,
     prefix_length: Annotated[Optional[int], typer.Option(min=1, help="P, the number of prefix embeddings [default: 10].")] = None,
-    hidden_size: Annotated[Optional[int], typer.Option(min=1, help="Mapper width [default: 1024 mlp, 512 transformer].")] = None,
-    num_layers: Annotated[Optional[int], typer.Option(min=1, help="Transformer mapper layers [default: 2].")] = None,
+    hidden_size: Annotated[Optional[int], typer.Option(min=1, help="Mapper width [default: 1024].")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Text placed after the prefix, before the caption.")] = None,
     grounded: Annotated[bool, typer.Option("--grounded", help="Name what the encoder's classifier sees in the prompt (trained on the captions' own nouns).")] = False,
     label_drop: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of leaving out each of a caption's nouns.")] = 0.4,
     label_swap: Annotated[float, typer.Option(min=0, max=1, help="--grounded: chance of swapping a noun for another of its kind (dog -> cat) in labels and caption.")] = 0.2,
     objects: Annotated[bool, typer.Option("--objects", help="--grounded: also tell the COCO object detector's objects, with counts (\"2 people, dog\"); captioning then runs the detector.")] = False,
     train_labels: Annotated[TrainLabels, typer.Option(help="--grounded: train on each caption's own nouns (captions) on the labels captioning tells for the photo (machine), or half and half (mix).")] = TrainLabels.captions,
-    retrieval: Annotated[bool, typer.Option("--retrieval", help="Put similar training images' captions in the prompt; the training set becomes the model's memory.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Start from this model dir's mapper weights (same encoder, LM and sizes).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the captions [default: 5; with --resume: the run's own].")] = None,
     objective: Annotated[Optional[Objective], typer.Option(help="xent: cross-entropy on the captions; cider: self-critical fine-tuning of the --init model, rewarding sampled captions' CIDEr-D [default: xent].")] = None,
@@ -305,7 +301,7 @@ def train(
     *, reporter: Reporter,
 ):
     """Train a prefix mapper from cached features (extracting what is missing first)."""
-    from capcli.config import GroundingConfig, RetrievalConfig
+    from capcli.config import GroundingConfig
     from capcli.detector import DEFAULT_DETECTOR
     from capcli.jobs import train_job
 
@@ -316,10 +312,10 @@ def train(
                     object_penalty=object_penalty,
                     tune_labels=tune_labels and tune_labels.value)
     train_job(TrainJob(
-        data, out, split, val_split, features, encoder, encoder_weights, lm, mapper and mapper.value, prefix_length,
-        hidden_size, num_layers, prompt,
+        data, out, split, val_split, features, encoder, encoder_weights, lm, prefix_length,
+        hidden_size, prompt,
         GroundingConfig(drop=label_drop, swap=label_swap, train_labels=train_labels.value) if grounded else None,
-        RetrievalConfig() if retrieval else None, {k: v for k, v in settings.items() if v is not None}, resume,
+        {k: v for k, v in settings.items() if v is not None}, resume,
         device.value, detector=DEFAULT_DETECTOR if objects else None), reporter)
 
 

@@ -10,7 +10,10 @@ from pathlib import Path
 from capcli.errors import ModelError
 
 FORMAT_VERSION = 1
-MAPPER_KINDS = ("mlp", "transformer")
+# Keys of config.json that earlier versions wrote for what capcli no longer has (experiments/README.md): read
+# and dropped while they ask for nothing ("retrieval": null), refused in one line when they do.
+RETIRED_KEYS = {"num_layers": "the transformer mapper", "num_heads": "the transformer mapper",
+                "retrieval": "retrieval hints in the prompt"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_ENCODER = "efficientnet-lite0"
 DEFAULT_LM = "smollm2-135m"
@@ -47,29 +50,6 @@ class GroundingConfig:
 
 
 @dataclass
-class RetrievalConfig:
-    """Similar images' captions in the prompt, before the prefix (as SmallCap, Ramos et al. 2023, does):
-    "Similar images: a dog runs. A dog jumps." then the prefix (and the labels of a grounded model), then the
-    caption. They come from a memory (capcli.memory): the captions of the `neighbours` most similar images,
-    ranked by how much they agree with each other. Training leaves each image's own captions out and draws
-    `captions` of the best `pool`, so that the model does not learn to copy one fixed hint."""
-
-    template: str = "Similar images: {captions}."  # {captions} is "a dog runs. A dog jumps"
-    captions: int = 3  # how many captions the prompt holds
-    neighbours: int = 10  # the most similar images whose captions are ranked
-    pool: int = 6  # training: the captions are drawn from this many of the best
-
-    def __post_init__(self):
-        if "{captions}" not in self.template:
-            raise ModelError("retrieval template must contain {captions}")
-        if not 1 <= self.captions <= self.pool or self.neighbours < 1:
-            raise ModelError("retrieval needs 1 <= captions <= pool and at least 1 neighbour")
-
-    def text(self, captions: list[str]) -> str:
-        return self.template.format(captions=". ".join(c.rstrip(" .") for c in captions))
-
-
-@dataclass
 class ModelConfig:
     """Everything needed to rebuild a captioning model. Only the mapper's weights are saved beside it;
     the encoder and the language model are named (and fingerprinted) so a mismatch can be refused."""
@@ -81,15 +61,12 @@ class ModelConfig:
     lm: str  # how the LM was asked for: alias, hub name, folder or .gguf path
     lm_id: str  # the LM's fingerprint (file sha256 or hub revision)
     lm_width: int  # E
-    mapper: str = "mlp"
+    mapper: str = "mlp"  # the MLP of ClipCap, the one kind
     prefix_length: int = 10  # P
     hidden_size: int = 1024
-    num_layers: int = 2  # transformer mapper only
-    num_heads: int = 8  # transformer mapper only
     dropout: float = 0.0
     prompt: str = ""
     grounding: GroundingConfig | None = None  # labels in the prompt; None: the prefix alone
-    retrieval: RetrievalConfig | None = None  # similar images' captions before the prefix; needs a memory
     detector: str | None = None  # the object detector whose objects ground the captions (capcli.detector)
     min_score: float = 0.5  # outputs and keywords leave out labels and objects scoring less (chosen on dev)
     encoder_weights: str | None = None  # the weights file trained with, if not the packaged or hub weights
@@ -98,24 +75,18 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        if self.mapper not in MAPPER_KINDS:
-            raise ModelError(f"unknown mapper {self.mapper!r}: choose one of {', '.join(MAPPER_KINDS)}")
+        if self.mapper != "mlp":
+            raise ModelError(f"mapper {self.mapper!r} was an experiment that capcli 0.5 no longer runs (see "
+                             f"experiments/README.md); caption with capcli 0.4, or train an mlp mapper")
         if self.prefix_length < 1:
             raise ModelError(f"prefix length must be at least 1, got {self.prefix_length}")
         if not 0 <= self.min_score <= 1:
             raise ModelError(f"min_score must lie between 0 and 1, got {self.min_score}")
         if isinstance(self.grounding, dict):
             self.grounding = _strict(GroundingConfig, self.grounding, "grounding")
-        if isinstance(self.retrieval, dict):
-            self.retrieval = _strict(RetrievalConfig, self.retrieval, "retrieval")
         unknown = sorted(set(self.generation) - {f.name for f in dataclasses.fields(GenerationSettings)})
         if unknown:
             raise ModelError(f"unknown key 'generation.{unknown[0]}'")
-
-    @property
-    def uses_grid(self) -> bool:
-        """The transformer mapper reads grid tokens (B, N, D); the MLP reads pooled features (B, D)."""
-        return self.mapper == "transformer"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,6 +103,7 @@ class ModelConfig:
                    and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ModelError(f"{source}: missing field(s) {', '.join(missing)}")
+        data = _without_retired(data, source)
         try:
             return _strict(cls, data, "")
         except ModelError as exc:
@@ -153,6 +125,14 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ModelError(f"{path}: expected a JSON object")
         return cls.from_dict(data, source=str(path))
+
+
+def _without_retired(data: dict, source: str) -> dict:
+    """config.json without the keys of retired experiments; one that still asks for its experiment is refused."""
+    if data.get("retrieval") is not None:
+        raise ModelError(f"{source}: this model puts {RETIRED_KEYS['retrieval']}, an experiment that capcli 0.5 "
+                         f"no longer runs (see experiments/README.md); caption with capcli 0.4")
+    return {k: v for k, v in data.items() if k not in RETIRED_KEYS}
 
 
 def _strict(cls, data: dict, where: str):

@@ -3,7 +3,7 @@
 FEATURES/
   index.sqlite                 files(path, size, mtime_ns, sha256), features(encoder_id, sha256, shard, row)
                                and objects(detector_id, sha256, detections as JSON)
-  shards/<encoder>/<id>.safetensors   pooled (n, D) float32 and grid (n, N, D) float16
+  shards/<encoder>/<id>.safetensors   pooled (n, D) float32 (shards of capcli 0.4 also hold grids, unread)
 
 Features are keyed by the image's content hash and the encoder id, so a renamed or copied image is not
 encoded again and a changed one is. A shard is written whole (temporary file, then rename) before its
@@ -115,7 +115,7 @@ class FeatureCache:
             found.append([Detection.from_dict(d) for d in json.loads(row[0])])
         return found
 
-    def add(self, encoder_id: str, shas: list[str], pooled: torch.Tensor, grid: torch.Tensor) -> None:
+    def add(self, encoder_id: str, shas: list[str], pooled: torch.Tensor) -> None:
         """Write one shard, then index its rows."""
         from safetensors.torch import save_file
 
@@ -123,7 +123,7 @@ class FeatureCache:
         target = self.folder / shard
         tmp = temporary_sibling(target)
         try:
-            save_file({"pooled": pooled.float().contiguous(), "grid": grid.half().contiguous()}, str(tmp),
+            save_file({"pooled": pooled.float().contiguous()}, str(tmp),
                       metadata={"encoder_id": encoder_id})
             os.replace(tmp, target)
         finally:
@@ -132,8 +132,8 @@ class FeatureCache:
             self.db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
                                 [(encoder_id, sha, str(shard), row) for row, sha in enumerate(shas)])
 
-    def load(self, encoder_id: str, shas: list[str], grid: bool, dtype=torch.float32) -> torch.Tensor:
-        """Features for these images in this order: pooled (n, D) or, with grid, (n, N, D)."""
+    def load(self, encoder_id: str, shas: list[str]) -> torch.Tensor:
+        """Pooled features (n, D) for these images, in this order."""
         from safetensors import safe_open
 
         where: dict[str, list[tuple[int, int]]] = {}
@@ -143,13 +143,12 @@ class FeatureCache:
             if row is None:
                 raise DataError(f"{self.folder}: no {encoder_id} features for image {sha[:12]}; run capcli extract")
             where.setdefault(row[0], []).append((position, row[1]))
-        name = "grid" if grid else "pooled"
         out = None
         for shard, places in where.items():
             with safe_open(str(self.folder / shard), framework="pt") as f:
-                block = f.get_tensor(name).to(dtype)
+                block = f.get_tensor("pooled").float()
             if out is None:
-                out = torch.empty((len(shas), *block.shape[1:]), dtype=dtype)
+                out = torch.empty((len(shas), *block.shape[1:]))
             positions, rows = zip(*places)
             out[list(positions)] = block[list(rows)]
         return out if out is not None else torch.empty(0)
@@ -201,7 +200,7 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
     if todo:
         encoder = encoder.to(device)
         shas, files = list(todo), list(todo.values())
-        buffer: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+        buffer: list[tuple[list[str], torch.Tensor]] = []
         buffered = 0
         try:
             if workers is None and len(files) <= SMALL_JOB and device.type == "cpu":
@@ -216,8 +215,8 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
                 new = [k for k, i in enumerate(indices) if shas[i] not in encoded_already]
                 if new:
                     with torch.inference_mode(), autocast(device):
-                        grid = encoder(images[new].to(device)).float()  # (B, N, D)
-                    buffer.append(([shas[indices[k]] for k in new], grid.mean(1).cpu(), grid.cpu()))
+                        pooled = encoder(images[new].to(device)).float().mean(1)  # (B, D)
+                    buffer.append(([shas[indices[k]] for k in new], pooled.cpu()))
                     buffered += len(new)
                     encoded += len(new)
                 if buffered >= SHARD_SIZE:
@@ -234,5 +233,4 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
 
 def _flush(cache: FeatureCache, encoder_id: str, buffer) -> None:
     if buffer:
-        cache.add(encoder_id, [s for shas, _, _ in buffer for s in shas],
-                  torch.cat([p for _, p, _ in buffer]), torch.cat([g for _, _, g in buffer]))
+        cache.add(encoder_id, [s for shas, _ in buffer for s in shas], torch.cat([p for _, p in buffer]))

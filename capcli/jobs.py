@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, TRAINED_DECODING, GroundingConfig, ModelConfig, RetrievalConfig
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, TRAINED_DECODING, GroundingConfig, ModelConfig
 from capcli.errors import CapcliError, InputError
 from capcli.reporting import Reporter
 from capcli.shards import Shard, job_shard
@@ -116,7 +116,7 @@ def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
     images = [p for p in captions.images if p in digests]
     if not images:
         raise CapcliError(f"{job.data}: no image could be encoded; nothing to remember")
-    pooled = cache.load(encoder.encoder_id, [digests[p] for p in images], grid=False)
+    pooled = cache.load(encoder.encoder_id, [digests[p] for p in images])
     memory = Memory.from_features(encoder.encoder_id, image_ids(images, job.data),
                                   [captions.captions[p] for p in images], pooled)
     memory.save(job.out, {"model": str(model_dir), "data": str(job.data),
@@ -138,13 +138,10 @@ class TrainJob:
     encoder: str | None = None  # default efficientnet-lite0
     encoder_weights: Path | None = None  # weights file (recorded in config.json)
     lm: str | None = None  # default smollm2-135m
-    mapper: str | None = None  # mlp (pooled features) or transformer (grid tokens); default mlp
     prefix_length: int | None = None  # default 10
-    hidden_size: int | None = None  # default 1024 for mlp, 512 for transformer
-    num_layers: int | None = None  # transformer layers; default 2
+    hidden_size: int | None = None  # default 1024
     prompt: str | None = None  # text between the prefix and the caption; default none
     grounding: GroundingConfig | None = None  # labels in the prompt (a new run only)
-    retrieval: RetrievalConfig | None = None  # similar images' captions in the prompt (a new run only)
     settings: dict = field(default_factory=dict)  # TrainSettings fields given; the rest: defaults or the run's
     resume: bool = False  # continue the run in `out` from its checkpoint
     device: str = "auto"
@@ -233,8 +230,7 @@ def _train_model(job: TrainJob, report: Reporter):
     return config, settings, checkpoint, encoder, lm
 
 
-MODEL_OPTIONS = ("encoder", "lm", "mapper", "prefix_length", "hidden_size", "num_layers", "prompt", "grounding",
-                 "retrieval", "detector")
+MODEL_OPTIONS = ("encoder", "lm", "prefix_length", "hidden_size", "prompt", "grounding", "detector")
 
 
 def _tuned_config(job: TrainJob, settings, report: Reporter):
@@ -259,13 +255,11 @@ def _tuned_config(job: TrainJob, settings, report: Reporter):
 
 
 def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
-    mapper = job.mapper or "mlp"
     return ModelConfig(
         encoder=encoder.name, encoder_id=encoder.encoder_id, feature_dim=encoder.feature_dim,
-        num_tokens=encoder.num_tokens, lm=job.lm or DEFAULT_LM, lm_id=lm.lm_id, lm_width=lm.width, mapper=mapper,
-        prefix_length=job.prefix_length or 10, hidden_size=job.hidden_size or (1024 if mapper == "mlp" else 512),
-        num_layers=job.num_layers or 2, prompt=job.prompt or "", grounding=job.grounding, retrieval=job.retrieval,
-        detector=job.detector,
+        num_tokens=encoder.num_tokens, lm=job.lm or DEFAULT_LM, lm_id=lm.lm_id, lm_width=lm.width,
+        prefix_length=job.prefix_length or 10, hidden_size=job.hidden_size or 1024, prompt=job.prompt or "",
+        grounding=job.grounding, detector=job.detector,
         encoder_weights=str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None,
         generation=dict(TRAINED_DECODING))
 

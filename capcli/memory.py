@@ -109,23 +109,13 @@ class Memory:
             raise ModelError(f"memory {self.source or '(new)'} was built with encoder {self.encoder_id}, but {user} "
                              f"uses {encoder_id}; build the memory with that model (capcli memory build --model)")
 
-    def nearest(self, pooled: torch.Tensor, k: int, exclude: list[int] | None = None) -> list[list[Neighbour]]:
-        """The k most similar images of the memory to each row of pooled (B, D), most similar first. exclude: per
-        row, a memory row to leave out (in training, the image itself)."""
+    def nearest(self, pooled: torch.Tensor, k: int) -> list[list[Neighbour]]:
+        """The k most similar images of the memory to each row of pooled (B, D), most similar first."""
         query = torch.nn.functional.normalize(pooled.float().cpu(), dim=1)
         similarity = query @ self.features.float().T  # (B, N)
-        if exclude is not None:
-            similarity[torch.arange(len(exclude)), torch.tensor(exclude)] = -2.0  # below any cosine similarity
-        scores, rows = similarity.topk(min(k, len(self) - (exclude is not None)), dim=1)
+        scores, rows = similarity.topk(min(k, len(self)), dim=1)
         return [[Neighbour(self.images[j], round(float(s), 4), self.captions[j]) for s, j in zip(ss.tolist(), jj.tolist())]
                 for ss, jj in zip(scores, rows)]
-
-    def hints(self, pooled: torch.Tensor, neighbours: int, count: int,
-              exclude: list[int] | None = None) -> list[list[str]]:
-        """Per row of pooled (B, D): the captions of its `neighbours` most similar memory images, distinct, ranked
-        by their agreement with all of those captions (CIDEr-D), best `count` first. exclude: as in nearest()."""
-        return [self.ranked([c for n in near for c in n.captions], near)[:count]
-                for near in self.nearest(pooled, neighbours, exclude)]
 
     def ranked(self, candidates: list[str], neighbours: list[Neighbour]) -> list[str]:
         """The distinct candidates, the one the neighbours' captions agree with most first (ties: input order)."""

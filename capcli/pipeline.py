@@ -69,11 +69,6 @@ class CaptionModel(nn.Module):
         ids = self.lm.tokenizer([lead + c.strip() for c in captions], add_special_tokens=False).input_ids
         return [seq[: max_tokens - 1] + [self.lm.eos_token_id] for seq in ids]
 
-    def hint_ids(self, hints: list[list[str]]) -> list[list[int]]:
-        """Per row, the token ids before the prefix: similar images' captions (models with retrieval)."""
-        texts = [self.config.retrieval.text(row) for row in hints]
-        return self.lm.tokenizer(texts, add_special_tokens=False).input_ids
-
     def context_ids(self, labels: list[list[str]] | None, rows: int) -> list[list[int]]:
         """Per row, the token ids between the prefix and the caption: the prompt, then the grounding text."""
         if self.config.grounding is None:
@@ -82,19 +77,17 @@ class CaptionModel(nn.Module):
         return [self.prompt_ids + ids for ids in self.lm.tokenizer(texts, add_special_tokens=False).input_ids]
 
     def forward(self, features: torch.Tensor, caption_ids: list[list[int]], divisor: float | None = None,
-                context: list[list[int]] | None = None, weights: torch.Tensor | None = None,
-                before: list[list[int]] | None = None):
+                context: list[list[int]] | None = None, weights: torch.Tensor | None = None):
         """The training loss (what DistributedDataParallel calls): see loss()."""
-        return self.loss(features, caption_ids, divisor, context, weights, before)
+        return self.loss(features, caption_ids, divisor, context, weights)
 
     def loss(self, features: torch.Tensor, caption_ids: list[list[int]], divisor: float | None = None,
-             context: list[list[int]] | None = None, weights: torch.Tensor | None = None,
-             before: list[list[int]] | None = None) -> torch.Tensor:
+             context: list[list[int]] | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy summed over caption tokens only, divided by `divisor` (default: their number, a mean;
         data-parallel training passes the global batch's count). With `weights` (B,), each row's tokens count
-        weight times: self-critical training's advantage-weighted log-likelihood. Each row reads its `before`
-        ids (retrieval's hints, padded on the left), prefix, context ids (default: the prompt), caption. Logits
-        are computed just where a label exists, which skips the vocabulary projection for all but the caption."""
+        weight times: self-critical training's advantage-weighted log-likelihood. Each row reads its prefix,
+        context ids (default: the prompt), caption. Logits are computed just where a label exists, which skips
+        the vocabulary projection for all but the caption."""
         device = features.device
         context = context if context is not None else [self.prompt_ids] * len(caption_ids)
         rows = [c + ids for c, ids in zip(context, caption_ids)]
@@ -109,11 +102,10 @@ class CaptionModel(nn.Module):
             present[row, : len(c) + len(ids)] = 1
         prefix = self.mapper(features)  # (B, P, E)
         words = self.lm.model.get_input_embeddings()(tokens)  # (B, T, E)
-        head, head_mask = self._before_embeddings(before, len(rows), prefix)  # (B, H, E)
-        embeds = torch.cat([head, prefix, words.to(prefix.dtype)], dim=1)  # (B, H + P + T, E)
-        mask = torch.cat([head_mask, torch.ones(prefix.shape[:2], dtype=torch.long, device=device), present], dim=1)
+        embeds = torch.cat([prefix, words.to(prefix.dtype)], dim=1)  # (B, P + T, E)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=device), present], dim=1)
         hidden = self.lm.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        start = head.shape[1] + prefix.shape[1] - 1  # the hidden state at position i predicts token i + 1
+        start = prefix.shape[1] - 1  # the hidden state at position i predicts token i + 1
         predicting = hidden[:, start: start + longest]  # (B, T, E)
         keep = labels != IGNORE_INDEX
         logits = self.lm.model.get_output_embeddings()(predicting[keep])  # (M, V), M caption tokens
@@ -123,74 +115,54 @@ class CaptionModel(nn.Module):
             per_token = per_token * weights.to(device)[row_of_token]
         return per_token.sum() / (divisor or int(keep.sum()))
 
-    def _before_embeddings(self, before: list[list[int]] | None, rows: int,
-                           prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row token ids to put before the prefix, embedded and padded on the left: (B, H, E), mask (B, H)."""
-        longest = max((len(ids) for ids in before), default=0) if before else 0
-        tokens = torch.full((rows, longest), self.lm.tokenizer.pad_token_id, dtype=torch.long, device=prefix.device)
-        mask = torch.zeros_like(tokens)
-        for row, ids in enumerate(before or []):
-            if ids:
-                tokens[row, longest - len(ids):] = torch.tensor(ids, device=prefix.device)
-                mask[row, longest - len(ids):] = 1
-        return self.lm.model.get_input_embeddings()(tokens).to(prefix.dtype), mask
-
     @torch.no_grad()
     def sample_ids(self, features: torch.Tensor, context: list[list[int]], samples: int,
-                   max_new_tokens: int, before: list[list[int]] | None = None) -> list[list[int]]:
+                   max_new_tokens: int) -> list[list[int]]:
         """`samples` captions per image drawn from the model's own distribution (temperature 1, no top-k or
-        top-p), as token ids ending with the end-of-text token when they ended; images major, samples minor.
-        `before`: per image, the ids before the prefix (retrieval's hints)."""
+        top-p), as token ids ending with the end-of-text token when they ended; images major, samples minor."""
         settings = GenerationSettings(sample=True, num_captions=samples, max_new_tokens=max_new_tokens)
         eos = self.lm.tokenizer.eos_token_id
         return [row[: row.index(eos) + 1] if eos in row else row
-                for row in self._generate(features, context, settings, before=before).tolist()]
+                for row in self._generate(features, context, settings).tolist()]
 
     def texts(self, ids) -> list[str]:
         """Token id rows as caption text, spaces collapsed."""
         return [" ".join(t.split()) for t in self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def prefix_embeddings(self, features: torch.Tensor, context: list[list[int]],
-                          before: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, D) or (B, N, D), per-row context ids and ids before the prefix (retrieval's hints) ->
-        (embeddings (B, C, E), attention mask (B, C)), padded on the left where the rows differ in length (so
-        every row ends where decoding starts)."""
+    def prefix_embeddings(self, features: torch.Tensor,
+                          context: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """pooled features (B, D) and per-row context ids -> (embeddings (B, C, E), attention mask (B, C)),
+        padded on the left where the rows differ in length (so every row ends where decoding starts)."""
         prefix = self.mapper(features)  # (B, P, E)
         embed = self.lm.model.get_input_embeddings()
-        before = before or [[] for _ in context]
-        longest = max(len(b) + len(c) for b, c in zip(before, context))
+        longest = max(len(c) for c in context)
         rows, masks = [], []
-        for row, (head, ids) in enumerate(zip(before, context)):
-            pad = longest - len(head) - len(ids)
-            parts = [prefix.new_zeros(pad, prefix.shape[2])]
-            if head:
-                parts.append(embed(torch.tensor(head, device=prefix.device)).to(prefix.dtype))  # (Lb, E)
-            parts.append(prefix[row])
+        for row, ids in enumerate(context):
+            pad = longest - len(ids)
+            parts = [prefix.new_zeros(pad, prefix.shape[2]), prefix[row]]
             if ids:
                 parts.append(embed(torch.tensor(ids, device=prefix.device)).to(prefix.dtype))  # (Lc, E)
             rows.append(torch.cat(parts))
-            masks.append(torch.tensor([0] * pad + [1] * (len(head) + prefix.shape[1] + len(ids)), device=prefix.device))
+            masks.append(torch.tensor([0] * pad + [1] * (prefix.shape[1] + len(ids)), device=prefix.device))
         return torch.stack(rows), torch.stack(masks)
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, settings: GenerationSettings, labels: list[list[str]] | None = None,
-                 bans: WordBans | None = None, hints: list[list[str]] | None = None) -> list[list[str]]:
+                 bans: WordBans | None = None) -> list[list[str]]:
         """Batched decoding with a KV cache (transformers' generate): K captions for each of B images.
-        A grounded model names `labels` (per image) in its prompt, a model with retrieval `hints` (per image,
-        similar images' captions); `bans` holds, per image, words the captions may not contain. Never returns an
+        A grounded model names `labels` (per image) in its prompt; `bans` holds, per image, words the captions
+        may not contain. Never returns an
         empty caption: images whose caption came out empty are decoded again with the end of text forbidden for
         a few tokens."""
         context = self.context_ids(labels, features.shape[0])
-        before = self.hint_ids(hints) if hints is not None else None
-        captions = self._decode(features, context, settings, bans, before)
+        captions = self._decode(features, context, settings, bans)
         empty = [i for i, texts in enumerate(captions) if not all(texts)]
         if empty:
             least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
             longer = dataclasses.replace(settings, min_new_tokens=least)
             some_bans = bans.rows(empty) if bans else None
-            some_before = [before[i] for i in empty] if before else None
             for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer,
-                                                    some_bans, some_before)):
+                                                    some_bans)):
                 captions[i] = [old or new for old, new in zip(captions[i], texts)]
         return captions
 
@@ -200,17 +172,17 @@ class CaptionModel(nn.Module):
         return self.lm.tokenizer(list(spelled), add_special_tokens=False).input_ids
 
     def _decode(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                bans: WordBans | None = None, before: list[list[int]] | None = None) -> list[list[str]]:
-        texts = self.texts(self._generate(features, context, settings, bans, before))
+                bans: WordBans | None = None) -> list[list[str]]:
+        texts = self.texts(self._generate(features, context, settings, bans))
         k = settings.num_captions
         return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
 
     def _generate(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                  bans: WordBans | None = None, before: list[list[int]] | None = None) -> torch.Tensor:
+                  bans: WordBans | None = None) -> torch.Tensor:
         """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens)."""
         from transformers import GenerationConfig
 
-        embeds, mask = self.prefix_embeddings(features, context, before)  # (B, C, E)
+        embeds, mask = self.prefix_embeddings(features, context)  # (B, C, E)
         tok = self.lm.tokenizer
         processors = []
         if bans and any(bans.forbidden):
@@ -375,13 +347,11 @@ class Captioner:
             labels = self.labeler(logits) if named_objects else None
             named = ([confident(row, grounding, objects[i] if objects is not None else None)
                       for i, row in enumerate(labels)] if grounding else None)
-            features = grid if self.model.config.uses_grid else pooled
             bans = self._bans(settings, objects, named)
-            hints = self._hints(pooled)
             if self.memory is None:
-                captions, neighbours = self.model.generate(features.float(), settings, named, bans, hints), None
+                captions, neighbours = self.model.generate(pooled.float(), settings, named, bans), None
             else:
-                captions, neighbours = self._vote(features.float(), pooled, settings, named, bans, hints)
+                captions, neighbours = self._vote(pooled.float(), pooled, settings, named, bans)
         return [Captioned([tidy(t) for t in c], labels[i] if with_labels else None, neighbours[i] if neighbours else None,
                           objects[i] if objects is not None and with_labels else None)
                 for i, c in enumerate(captions)]
@@ -409,17 +379,6 @@ class Captioner:
             allowed.append(self._tokens(compounds))
         return WordBans(forbidden, allowed)
 
-    def _hints(self, pooled: torch.Tensor) -> list[list[str]] | None:
-        """For a model with retrieval: per image, the memory's captions of similar images, for the prompt."""
-        retrieval = self.model.config.retrieval
-        if retrieval is None:
-            return None
-        if self.memory is None:
-            raise ModelError(f"{self.model_dir or 'this model'} puts similar images' captions in its prompt, so it "
-                             f"needs a memory: it has no {MEMORY_DIR}/ of its own; give one with --memory DIR "
-                             f"(capcli memory build)")
-        return self.memory.hints(pooled, retrieval.neighbours, retrieval.captions)
-
     def _tokens(self, words: list[str]) -> list[list[int]]:
         missing = [w for w in words if w not in self._word_ids]
         if missing:
@@ -428,7 +387,7 @@ class Captioner:
 
     def _vote(self, features: torch.Tensor, pooled: torch.Tensor, settings: GenerationSettings,
               named: list[list[str]] | None, bans: WordBans | None,
-              hints: list[list[str]] | None) -> tuple[list[list[str]], list]:
+              ) -> tuple[list[list[str]], list]:
         """Decode `candidates` captions per image (beam search's N best, or N samples) and order them by how
         much the nearest images' captions agree with each (CIDEr-D); keep the best `num_captions`."""
         wide = max(settings.candidates, settings.num_captions)
@@ -436,7 +395,7 @@ class Captioner:
                                        beams=settings.beams if settings.sample else max(settings.beams, wide))
         neighbours = self.memory.nearest(pooled, settings.neighbours)
         ordered = []
-        for candidates, near in zip(self.model.generate(features, decoding, named, bans, hints), neighbours):
+        for candidates, near in zip(self.model.generate(features, decoding, named, bans), neighbours):
             ranked = self.memory.ranked(candidates, near)
             ordered.append((ranked * settings.num_captions)[: settings.num_captions])
         return ordered, neighbours

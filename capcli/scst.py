@@ -55,26 +55,22 @@ class SelfCritical:
         return rewards - others
 
     def loss(self, trained, model, features: torch.Tensor, images: list[int], labels: list[list[str]] | None,
-             divisor: float, references: list[list[int]] | None = None, xent_weight: float = 0.0,
-             before: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             divisor: float, references: list[list[int]] | None = None,
+             xent_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's loss for these images (features (B, D) on the device), divided by `divisor`, and the
         rewards of their samples. With `references` (one caption's ids per image), the loss gains `xent_weight`
-        times each reference's summed cross-entropy, per image of the global batch (`divisor` / samples).
-        `before`: per image, the ids before the prefix (a retrieval model's hints)."""
+        times each reference's summed cross-entropy, per image of the global batch (`divisor` / samples)."""
         context = model.context_ids(labels, len(images))
-        ids = model.sample_ids(features, context, self.samples, MAX_SAMPLE_TOKENS, before)
+        ids = model.sample_ids(features, context, self.samples, MAX_SAMPLE_TOKENS)
         rewards = self.rewards(images, model.texts(ids))
         weights = self.advantages(rewards).flatten()
         repeated = features.repeat_interleave(self.samples, dim=0)
         contexts = [c for c in context for _ in range(self.samples)]
-        heads = [b for b in before for _ in range(self.samples)] if before else None
         if references:  # one forward for samples and references: DistributedDataParallel allows one per step
             ids, contexts = ids + references, contexts + context
-            if heads:
-                heads = heads + before
             repeated = torch.cat([repeated, features])
             weights = torch.cat([weights, torch.full((len(references),), xent_weight * self.samples)])
-        return trained(repeated, ids, divisor, contexts, weights, heads), rewards
+        return trained(repeated, ids, divisor, contexts, weights), rewards
 
     def _references(self, image: int) -> list:
         if image not in self._prepared:

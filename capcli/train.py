@@ -30,7 +30,7 @@ from capcli.errors import CapcliError
 from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
 from capcli.grounding import classifier_labels, machine_example, training_example
-from capcli.pipeline import MEMORY_DIR, CaptionModel
+from capcli.pipeline import CaptionModel
 from capcli.reporting import Reporter, interrupts_deferred, sigterm_interrupts
 from capcli.scst import SelfCritical
 
@@ -82,12 +82,11 @@ class TrainRun:
 class FeatureSet:
     """Cached features for a set of images, with their captions as token ids."""
 
-    features: torch.Tensor  # (I, D) pooled or (I, N, D) grid
+    features: torch.Tensor  # (I, D) pooled
     pairs: list[tuple[int, list[int]]]  # (image index, caption ids)
     images: list[Path]
     texts: list[str]  # the caption of each pair, for grounded training
     labels: list[list[str]] | None = None  # per image, the labels captioning tells (grounded models)
-    hints: list[list[str]] | None = None  # per image, similar training images' captions, best first (retrieval)
 
     @functools.cached_property
     def rows_per_image(self) -> list[list[int]]:
@@ -164,8 +163,6 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
     with accelerator.main_process_first():  # the main process fills the cache; the others then just read it
         train_set = _features(run.train, model, run, device, report, "train")
         val_set = _features(run.val, model, run, device, report, "val") if run.val else None
-    if run.config.retrieval is not None:
-        _add_hints(train_set, val_set, run, accelerator.is_main_process, report)
     run.config.training = {**dataclasses.asdict(settings), "train_images": len(train_set.images),
                            "train_captions": len(train_set.pairs), "data": str(run.train.source)}
     trainable = [p for p in model.mapper.parameters() if p.requires_grad]
@@ -197,40 +194,6 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
         run.out.mkdir(parents=True, exist_ok=True)
         run.config.save(run.out / modeldir.CONFIG_FILE)
     return state
-
-
-def _add_hints(train_set: FeatureSet, val_set: FeatureSet | None, run: TrainRun, main: bool, report: Reporter) -> None:
-    """Retrieval: the training set becomes the model's memory (written into the model dir by the main
-    process), and each image gets its hints from it, leaving out its own captions."""
-    from capcli.memory import Memory, image_ids
-
-    memory = Memory.from_features(run.encoder.encoder_id, image_ids(train_set.images, Path(run.train.source)),
-                                  train_set.captions_per_image(), _pooled(train_set.features))
-    if main:
-        memory.save(run.out / MEMORY_DIR, {"data": str(run.train.source), "made_by": "capcli train"})
-    retrieval = run.config.retrieval
-    saved = (run.checkpoint or {}).get("hints", {})  # ranked before an interruption: minutes for large sets
-    for name, data, own in [("train", train_set, True), ("val", val_set, False)]:
-        if data is None:
-            continue
-        if saved.get(name, {}).get("images") == [str(p) for p in data.images]:
-            data.hints = saved[name]["hints"]
-            report.line(f"retrieval: {name} hints from the checkpoint")
-            continue
-        report.line(f"retrieval: ranking the captions of each {name} image's {retrieval.neighbours} most similar "
-                    f"training images")
-        pooled = _pooled(data.features)
-        data.hints = []
-        for start in range(0, len(pooled), 1024):
-            chunk = pooled[start: start + 1024]
-            exclude = list(range(start, start + len(chunk))) if own else None
-            data.hints += memory.hints(chunk, retrieval.neighbours, retrieval.pool, exclude)
-
-
-def _pooled(features: torch.Tensor) -> torch.Tensor:
-    """(I, D) pooled features from pooled or grid (I, N, D) ones, without a float32 copy of a grid."""
-    features = features.cpu()
-    return features.float() if features.dim() == 2 else features.mean(1, dtype=torch.float32)
 
 
 def _units(data: FeatureSet, settings: TrainSettings) -> int:
@@ -308,37 +271,32 @@ def _features(data: CaptionSet, model: CaptionModel, run: TrainRun, device, repo
     kept = [p for p in images if p in digests]
     if not kept:
         raise CapcliError(f"no readable {name} images")
-    grid = model.config.uses_grid
-    dtype = torch.float16 if grid else torch.float32  # grids are large: keep them half size in memory
-    features = run.cache.load(run.encoder.encoder_id, [digests[p] for p in kept], grid=grid, dtype=dtype)
+    features = run.cache.load(run.encoder.encoder_id, [digests[p] for p in kept])
     index = {p: i for i, p in enumerate(kept)}
     pairs = [(index[p], c) for p, c in data.pairs if p in index]
     ids = model.tokenize([c for _, c in pairs], run.settings.max_caption_tokens)
     labels = None
     if model.config.grounding is not None:
-        pooled = features.float() if features.dim() == 2 else features.float().mean(1)
         objects = (run.cache.objects(run.detector.detector_id, [digests[p] for p in kept])
                    if run.detector is not None else None)
-        labels = classifier_labels(run.encoder, pooled, model.config.grounding, objects)
+        labels = classifier_labels(run.encoder, features, model.config.grounding, objects)
     return FeatureSet(features, [(i, t) for (i, _), t in zip(pairs, ids)], kept, [c for _, c in pairs], labels)
 
 
 def _inputs(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | None,
-            settings: TrainSettings) -> tuple[list[list[int]], list[list[int]] | None, list[list[int]] | None]:
-    """Caption ids, context ids and the ids before the prefix (retrieval's hints) for these rows. Grounded
-    training draws each row's labels, and retrieval its hints, from generators seeded by (seed, step, row): the
-    same in any number of processes and after --resume. step None (validation) names the classifier's labels
-    and the best hints, as captioning does."""
-    before = _hint_ids(model, data, rows, step, settings)
+            settings: TrainSettings) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Caption ids and context ids for these rows. Grounded training draws each row's labels from a generator
+    seeded by (seed, step, row): the same in any number of processes and after --resume. step None
+    (validation) names the classifier's labels, as captioning does."""
     grounding = model.config.grounding
     if grounding is None:
-        return [data.pairs[r][1] for r in rows], None, before
+        return [data.pairs[r][1] for r in rows], None
     if step is None:
         labels = [data.labels[data.pairs[r][0]] for r in rows]
-        return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows)), before
+        return [data.pairs[r][1] for r in rows], model.context_ids(labels, len(rows))
     examples = [_example(data, r, grounding, random.Random(f"{settings.seed}:{step}:{r}")) for r in rows]
     ids = model.tokenize([caption for _, caption in examples], settings.max_caption_tokens)
-    return ids, model.context_ids([labels for labels, _ in examples], len(rows)), before
+    return ids, model.context_ids([labels for labels, _ in examples], len(rows))
 
 
 def _example(data: FeatureSet, row: int, grounding: GroundingConfig, rng: random.Random) -> tuple[list[str], str]:
@@ -349,40 +307,18 @@ def _example(data: FeatureSet, row: int, grounding: GroundingConfig, rng: random
     return training_example(data.texts[row], grounding, rng)
 
 
-def _hint_ids(model: CaptionModel, data: FeatureSet, rows: list[int], step: int | None,
-              settings: TrainSettings) -> list[list[int]] | None:
-    """Retrieval: per row, `captions` of its image's hints, drawn from the best `pool` in training (kept in
-    their order), the best ones in validation."""
-    retrieval = model.config.retrieval
-    if retrieval is None:
-        return None
-    return model.hint_ids([_drawn_hints(data.hints[data.pairs[r][0]], retrieval.captions, step, settings, r)
-                           for r in rows])
-
-
-def _drawn_hints(ranked: list[str], captions: int, step: int | None, settings: TrainSettings,
-                 key: object) -> list[str]:
-    """`captions` of an image's ranked hints: the best ones (step None), or a draw from them kept in their order,
-    from a generator seeded by (seed, step, key)."""
-    if step is None:
-        return ranked[:captions]
-    rng = random.Random(f"{settings.seed}:{step}:{key}:hints")
-    return [ranked[i] for i in sorted(rng.sample(range(len(ranked)), min(captions, len(ranked))))]
-
-
 def _share_loss(trained, model: CaptionModel, data: FeatureSet, rows: list[int], rank: int, world: int, device,
                 step: int, settings: TrainSettings) -> torch.Tensor:
     """This process's part of a global batch: rows rank, rank + world, ... Its loss is divided by the global
     batch's token count and multiplied by world, so that DDP's mean of the gradients is the full batch's."""
-    ids, context, before = _inputs(model, data, rows, step, settings)
+    ids, context = _inputs(model, data, rows, step, settings)
     tokens = sum(len(i) for i in ids)
     mine = list(range(len(rows)))[rank::world]
     weight = world
     if not mine:  # a last batch smaller than the number of processes: join the all-reduce with nothing
         mine, weight = [0], 0
     features = data.features[[data.pairs[rows[i]][0] for i in mine]].to(device).float()
-    return trained(features, [ids[i] for i in mine], tokens, context and [context[i] for i in mine], None,
-                   before and [before[i] for i in mine]) * weight
+    return trained(features, [ids[i] for i in mine], tokens, context and [context[i] for i in mine]) * weight
 
 
 def _critic(data: FeatureSet, settings: TrainSettings) -> SelfCritical | None:
@@ -397,8 +333,8 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
                        settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's images of a global batch (rank, rank + world, ...), scaled as _share_loss does: the
     loss is divided by the global batch's number of samples. Returns it with the mean reward of its samples.
-    With a cross-entropy weight, each image also brings one of its captions, and a model with retrieval reads
-    hints drawn as in cross-entropy training, each from a generator seeded by (seed, step, image). With
+    With a cross-entropy weight, each image also brings one of its captions, drawn from a generator seeded by
+    (seed, step, image). With
     tune_labels "captions", a grounded model's labels are that drawn caption's nouns instead of the classifier's."""
     mine = images[rank::world]
     weight = world
@@ -413,18 +349,15 @@ def _share_critic_loss(critic: SelfCritical, trained, model: CaptionModel, data:
         unswapped = dataclasses.replace(grounding, swap=0.0)
         labels = [training_example(data.texts[row], unswapped, random.Random(f"{settings.seed}:{step}:{row}"))[0]
                   for row in drawn]
-    retrieval = model.config.retrieval
-    before = model.hint_ids([_drawn_hints(data.hints[i], retrieval.captions, step, settings, f"image {i}")
-                             for i in mine]) if retrieval else None
     loss, rewards = critic.loss(trained, model, features, mine, labels, len(images) * critic.samples,
-                                references, settings.xent_weight, before)
+                                references, settings.xent_weight)
     return loss * weight, rewards.mean()
 
 
 def _batch_loss(model: CaptionModel, data: FeatureSet, rows: list[int], device, settings: TrainSettings) -> torch.Tensor:
     features = data.features[[data.pairs[r][0] for r in rows]].to(device).float()
-    ids, context, before = _inputs(model, data, rows, None, settings)
-    return model.loss(features, ids, None, context, None, before)
+    ids, context = _inputs(model, data, rows, None, settings)
+    return model.loss(features, ids, None, context)
 
 
 @torch.no_grad()
@@ -443,9 +376,8 @@ def _end_of_epoch(model, train_set, val_set, epoch, step, settings, device, star
         picks = list(range(min(settings.sample_captions, len(shown.images))))
         with autocast(device):
             labels = [shown.labels[i] for i in picks] if shown.labels is not None else None
-            hints = [shown.hints[i][: model.config.retrieval.captions] for i in picks] if shown.hints else None
             captions = model.generate(shown.features[picks].to(device).float(), GenerationSettings(max_new_tokens=24),
-                                      labels, None, hints)
+                                      labels)
         record["samples"] = {shown.images[i].name: c[0] for i, c in zip(picks, captions)}
     with interrupts_deferred():
         _log(out, record)
@@ -503,13 +435,9 @@ def _warmup_cosine(warmup: int, total: int):
 def _save(out: Path, state: _State, settings: TrainSettings) -> None:
     weights = state.model.mapper_state()
     modeldir.write_mapper(out, weights, state.step)
-    hints = {name: {"images": [str(p) for p in data.images], "hints": data.hints}
-             for name, data in [("train", state.train_set), ("val", state.val_set)]
-             if data is not None and data.hints is not None}  # so that --resume need not rank them again
     modeldir.write_checkpoint(out, {"mapper": weights, "optimizer": state.optimizer.state_dict(),
                                     "scheduler": state.scheduler.state_dict(), "step": state.step,
-                                    "rng": torch.get_rng_state(), "settings": dataclasses.asdict(settings),
-                                    **({"hints": hints} if hints else {})})
+                                    "rng": torch.get_rng_state(), "settings": dataclasses.asdict(settings)})
 
 
 def _log(out: Path, record: dict) -> None:

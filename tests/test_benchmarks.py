@@ -31,6 +31,6 @@ def test_the_seed_extraction_loop_gives_capcli_s_pooled_features(tmp_path):
     encoder, device = load_encoder("efficientnet-lite0"), resolve_device("cpu")
     cache = FeatureCache(tmp_path / "cache")
     digests, _, _ = extract(EXAMPLES, encoder, cache, device, batch_size=4, workers=0)
-    ours = cache.load(encoder.encoder_id, [digests[p] for p in EXAMPLES], grid=False)
+    ours = cache.load(encoder.encoder_id, [digests[p] for p in EXAMPLES])
     seed = seed_extract(EXAMPLES, "efficientnet-lite0", encoder.preprocess, device)
     assert torch.allclose(ours, seed, atol=1e-4)

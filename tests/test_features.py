@@ -44,5 +44,5 @@ def test_two_extract_processes_can_share_one_cache(shapes_data, tmp_path):
     cache = FeatureCache(tmp_path / "f")
     shas = {cache.digest(p) for p in (shapes_data / "images").iterdir()}
     assert all(cache.has("tiny-random-cnn@seed0", sha) for sha in shas)
-    features = cache.load("tiny-random-cnn@seed0", sorted(shas), grid=False)
+    features = cache.load("tiny-random-cnn@seed0", sorted(shas))
     assert features.shape == (len(shas), 32) and features.isfinite().all()

@@ -66,6 +66,18 @@ def test_unknown_format_version_and_wrong_shapes_are_refused(tiny_model, tmp_pat
         Captioner.load(model)
 
 
+def test_models_of_retired_experiments_are_refused_in_one_line_and_their_empty_keys_are_read(tiny_model, tmp_path):
+    from capcli.config import ModelConfig
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    old = ModelConfig.from_dict({**config, "num_layers": 2, "num_heads": 8, "retrieval": None})  # as 0.4 wrote it
+    assert old.to_dict() == ModelConfig.from_dict(config).to_dict()
+    for retired in ({"mapper": "transformer"}, {"retrieval": {"captions": 3}}):
+        with pytest.raises(ModelError, match="capcli 0.4") as caught:
+            ModelConfig.from_dict({**config, **retired})
+        assert "experiments/README.md" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_mismatched_encoder_or_lm_is_refused_naming_both(tiny_model, tmp_path):
     model = copy(tiny_model, tmp_path)
     config = json.loads((model / "config.json").read_text())
