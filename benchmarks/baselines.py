@@ -51,22 +51,28 @@ def _encode_one(captioner, path: Path) -> tuple[torch.Tensor, list[list[str]] | 
 
 @torch.inference_mode()
 def per_image_generate(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
+    generate, longer = captioner.model.generate, _retry_settings(settings)
     with autocast(captioner.device):
-        return [tidy(captioner.model.generate(features, settings, labels)[0][0])
+        return [tidy(generate(features, settings, labels)[0][0] or generate(features, longer, labels)[0][0])
                 for features, labels in (_encode_one(captioner, path) for path in paths)]
+
+
+def _retry_settings(settings: GenerationSettings) -> GenerationSettings:
+    """The settings capcli decodes an empty caption again with (steering.RetryEmpty)."""
+    import dataclasses
+
+    from capcli.steering import MIN_RETRY_TOKENS
+
+    least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
+    return dataclasses.replace(settings, min_new_tokens=least)
 
 
 @torch.inference_mode()
 def naive_caption(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
     """ClipCap's decoding, with capcli's rule that an empty caption is decoded again with the end of text
     forbidden for a few tokens, and its tidied text."""
-    import dataclasses
-
-    from capcli.pipeline import MIN_RETRY_TOKENS
-
     decode = _naive_greedy if settings.beams == 1 else _naive_beam
-    longer = dataclasses.replace(settings, min_new_tokens=min(max(settings.min_new_tokens, MIN_RETRY_TOKENS),
-                                                              settings.max_new_tokens))
+    longer = _retry_settings(settings)
     with autocast(captioner.device):
         return [tidy(decode(captioner.model, *encoded, settings) or decode(captioner.model, *encoded, longer))
                 for encoded in (_encode_one(captioner, path) for path in paths)]

@@ -66,7 +66,7 @@ def pick_images(args, workdir: Path) -> tuple[list[Path], list[str]]:
         data = load_captions(FLICKR, FLICKR / "dev.txt")
         paths = data.images[: args.images]
         return paths, [data.captions[p][0] for p in paths]
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     sources = sorted((ROOT / "examples").glob("*.[jp][pn]g"))
     paths = []

@@ -192,6 +192,38 @@ class GenerationSettings:
         return self
 
     def updated(self, **changes) -> "GenerationSettings":
-        """A copy with the given fields replaced, ignoring None (an option the user did not pass)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None and k in known})
+        """A copy with the given fields replaced, ignoring None (an option the user did not pass); a name that
+        is no field is refused, naming it, rather than dropped without a word."""
+        from capcli.errors import CapcliError
+
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise CapcliError(f"unknown decoding option {unknown[0]!r} (the options are GenerationSettings' fields: "
+                              f"beams, max_new_tokens, forbid_absent, ...)")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class TrainSettings:
+    """How to train (recorded in config.json's "training" and in every checkpoint)."""
+
+    epochs: int = 5  # passes over the captions
+    batch_size: int = 32  # captions per step ("cider": images per step); the global batch, whatever the processes
+    lr: float = 5e-4  # peak learning rate (AdamW), after a linear warm-up, then cosine decay to a tenth
+    warmup_steps: int = 100  # steps of linear warm-up
+    weight_decay: float = 0.01  # AdamW weight decay
+    max_caption_tokens: int = 40  # longer captions are cut (the end-of-text token included)
+    seed: int = 0  # shuffling, initialisation and grounded training's label draws
+    max_steps: int | None = None  # stop (and end the schedule) after this many steps
+    checkpoint_every: int = 100  # steps between checkpoints
+    log_every: int = 10  # steps between lines of train_log.jsonl
+    sample_captions: int = 3  # captions shown per epoch, on stderr and in the log
+    precision: str = "auto"  # autocast: see devices.autocast
+    init: str | None = None  # model dir whose mapper weights the run starts from (same encoder, LM and sizes)
+    objective: str = "xent"  # "xent": cross-entropy on the captions; "cider": self-critical, on sampled captions' CIDEr-D
+    samples: int = 5  # captions sampled per image by the "cider" objective
+    xent_weight: float = 0.0  # "cider": weight of the cross-entropy of one reference caption per image, added
+    # to the self-critical loss (a mixed objective, Paulus et al. 2017) against collapse onto short, generic captions
+    object_penalty: float = 0.0  # "cider": taken off a sample's reward per object it names that no reference names
+    tune_labels: str = "classifier"  # "cider", grounded models: the labels in the prompt are the classifier's (as
+    # when captioning) or "captions": one training caption's own nouns, some dropped (as in grounded cross-entropy)

@@ -30,7 +30,7 @@ class JobResult:
     skipped: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractJob:
     data: Path  # data set: a folder or a captions file
     out: Path | None = None  # feature cache (default: the capcli cache's features/)
@@ -78,7 +78,7 @@ def extract_job(job: ExtractJob, report: Reporter = Reporter()) -> JobResult:
     return JobResult(done=encoded, failed=len(failures), skipped=cached)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MemoryJob:
     """`capcli memory build`: a retrieval memory of a data set's images and captions, for one model's encoder."""
 
@@ -90,6 +90,7 @@ class MemoryJob:
     batch_size: int | None = None
     workers: int | None = None
     device: str = "auto"
+    encoder_weights: Path | None = None  # the model's encoder weights file, if not where config.json says
 
 
 def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
@@ -97,16 +98,14 @@ def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
     from capcli import modeldir
     from capcli.data import load_captions
     from capcli.devices import resolve_device
-    from capcli.encoders import load_encoder
     from capcli.features import FeatureCache, extract
     from capcli.files import cache_dir
     from capcli.memory import Memory, image_ids
 
-    model_dir = modeldir.resolve_model_dir(job.model)
-    config, _ = modeldir.read_model_dir(model_dir)
+    parts = modeldir.load_model(job.model, encoder_weights=job.encoder_weights, with_lm=False)
     captions = load_captions(job.data, job.split)
     report.line(captions.report())
-    encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, None))
+    encoder = parts.encoder
     cache = FeatureCache(job.features or cache_dir() / "features")
     digests, encoded, failures = extract(captions.images, encoder, cache, resolve_device(job.device), job.batch_size,
                                          job.workers, progress=report.progress(len(captions.images), "encode"))
@@ -119,14 +118,14 @@ def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
     pooled = cache.load(encoder.encoder_id, [digests[p] for p in images])
     memory = Memory.from_features(encoder.encoder_id, image_ids(images, job.data),
                                   [captions.captions[p] for p in images], pooled)
-    memory.save(job.out, {"model": str(model_dir), "data": str(job.data),
+    memory.save(job.out, {"model": str(parts.model_dir), "data": str(job.data),
                           "split": str(job.split) if job.split else None})
     report.line(f"memory: {len(memory)} images, {sum(map(len, memory.captions))} captions in {job.out} "
                 f"({encoded} images encoded, the rest from the feature cache; {len(failures)} failed)")
     return JobResult(done=len(memory), failed=len(failures))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainJob:
     """`capcli train`. Model options left None take their defaults, or a resumed run's own values."""
 
@@ -168,10 +167,12 @@ def train_job(job: TrainJob, report: Reporter = Reporter()) -> dict:
     report.line(f"train: {train_set.report()}")
     if val_set:
         report.line(f"val: {val_set.report()}")
-    config, settings, checkpoint, encoder, lm = _train_model(job, report)
+    config, settings, checkpoint, parts = _train_model(job, report)
     cache = FeatureCache(job.features or cache_dir() / "features")
     detector = load_detector(config.detector, log=report.line) if config.detector else None
-    run = TrainRun(job.out, config, train_set, val_set, cache, encoder, lm, device, settings, checkpoint, detector)
+    init = parts if settings.init and checkpoint is None else None
+    run = TrainRun(job.out, config, train_set, val_set, cache, parts.encoder, parts.lm, device, settings, checkpoint,
+                   detector, init)
     record = fit(run, report)
     report.end_progress()
     report.line(f"model saved in {job.out}" + (f" (val loss {record['val_loss']:.3f})" if "val_loss" in record else ""))
@@ -189,75 +190,94 @@ def _train_device(name: str):
 
 
 def _train_model(job: TrainJob, report: Reporter):
-    """The model config, settings and checkpoint of a new or resumed run, with its encoder and LM loaded."""
+    """The model config, settings, checkpoint and parts (encoder, LM, --init's mapper weights) of a new or
+    resumed run."""
     from capcli import modeldir
+    from capcli.config import TrainSettings
+
+    if job.resume:
+        return _resumed_model(job, report)
+    if (job.out / modeldir.CHECKPOINT_FILE).exists():
+        raise CapcliError(f"{job.out} already holds a training run: pass --resume to continue it, or choose "
+                          f"a new --out")
+    settings = TrainSettings(**job.settings)
+    if settings.objective == "cider":
+        init = _tuned_model(job, settings, report)
+        return init.config, settings, None, init
+    _refuse_tuning_options(settings)
+    init = (modeldir.load_model(settings.init, encoder_weights=job.encoder_weights, log=report.line)
+            if settings.init else None)
+    if init is not None:
+        for name in ("encoder", "lm"):
+            if getattr(job, name) not in (None, getattr(init.config, name)):
+                raise CapcliError(f"--{name} {getattr(job, name)}: the mapper of --init {settings.init} was trained "
+                                  f"with {getattr(init.config, name)}; drop --{name}, or train without --init")
+        return _new_config(job, init.encoder, init.lm, init.config.lm), settings, None, init
+    parts = _new_parts(job, report)
+    return _new_config(job, parts.encoder, parts.lm, job.lm or DEFAULT_LM), settings, None, parts
+
+
+def _new_parts(job: TrainJob, report: Reporter):
+    """The encoder and LM of a run from scratch, as model parts without a model dir or mapper weights."""
     from capcli.encoders import load_encoder
     from capcli.lm import load_lm
-    from capcli.train import TrainSettings
+    from capcli.modeldir import ModelParts
+
+    encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
+    return ModelParts(job.out, None, None, encoder, load_lm(job.lm or DEFAULT_LM, log=report.line))
+
+
+def _refuse_tuning_options(settings) -> None:
+    if settings.xent_weight:
+        raise CapcliError("--xent-weight mixes cross-entropy into --objective cider; cross-entropy training "
+                          "needs no weight: drop it")
+    if settings.object_penalty:
+        raise CapcliError("--object-penalty changes the reward of --objective cider; cross-entropy training "
+                          "has no reward: drop it")
+    if settings.tune_labels != "classifier":
+        raise CapcliError("--tune-labels chooses the labels of --objective cider; cross-entropy training of a "
+                          "--grounded model always names the captions' own nouns: drop it")
+
+
+def _resumed_model(job: TrainJob, report: Reporter):
+    from capcli import modeldir
+    from capcli.config import TrainSettings
 
     checkpoint_path = job.out / modeldir.CHECKPOINT_FILE
-    if not job.resume:
-        if checkpoint_path.exists():
-            raise CapcliError(f"{job.out} already holds a training run: pass --resume to continue it, or choose "
-                              f"a new --out")
-        settings = TrainSettings(**job.settings)
-        if settings.objective == "cider":
-            config, encoder, lm = _tuned_config(job, settings, report)
-            return config, settings, None, encoder, lm
-        if settings.xent_weight:
-            raise CapcliError("--xent-weight mixes cross-entropy into --objective cider; cross-entropy training "
-                              "needs no weight: drop it")
-        if settings.object_penalty:
-            raise CapcliError("--object-penalty changes the reward of --objective cider; cross-entropy training "
-                              "has no reward: drop it")
-        if settings.tune_labels != "classifier":
-            raise CapcliError("--tune-labels chooses the labels of --objective cider; cross-entropy training of a "
-                              "--grounded model always names the captions' own nouns: drop it")
-        encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
-        lm = load_lm(job.lm or DEFAULT_LM, log=report.line)
-        return _new_config(job, encoder, lm), settings, None, encoder, lm
     if not checkpoint_path.is_file():
         raise CapcliError(f"{job.out}: nothing to resume (no {modeldir.CHECKPOINT_FILE}); run without --resume")
-    config = ModelConfig.load(job.out / modeldir.CONFIG_FILE)
+    parts = modeldir.load_model(job.out, encoder_weights=job.encoder_weights, log=report.line)
     checkpoint = modeldir.load_checkpoint(checkpoint_path)
     settings = TrainSettings(**checkpoint["settings"])
-    _refuse_conflicts(job, config, settings)
+    _refuse_conflicts(job, parts.config, settings)
     settings = dataclasses.replace(settings, **{k: job.settings[k] for k in RESUME_CHANGES if k in job.settings})
     report.line(f"resuming {job.out}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
-    encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, job.encoder_weights))
-    lm = load_lm(config.lm, log=report.line)
-    modeldir.check_matches(config, encoder, lm, job.out)
-    return config, settings, checkpoint, encoder, lm
+    return parts.config, settings, checkpoint, parts
 
 
 MODEL_OPTIONS = ("encoder", "lm", "prefix_length", "hidden_size", "prompt", "grounding", "detector")
 
 
-def _tuned_config(job: TrainJob, settings, report: Reporter):
-    """A self-critical run fine-tunes the model of --init: its config (and decoding) with its encoder and LM."""
+def _tuned_model(job: TrainJob, settings, report: Reporter):
+    """A self-critical run fine-tunes the model of --init: its parts, config (and decoding) included."""
     from capcli import modeldir
-    from capcli.encoders import load_encoder
-    from capcli.lm import load_lm
 
     if not settings.init:
         raise CapcliError("--objective cider fine-tunes a trained model: give it with --init MODEL_DIR")
     given = [k for k in MODEL_OPTIONS if getattr(job, k) is not None]
     if given:
         raise CapcliError(f"--{given[0].replace('_', '-')}: --objective cider keeps the model of --init; drop it")
-    init = modeldir.resolve_model_dir(settings.init)
-    config = ModelConfig.load(init / modeldir.CONFIG_FILE)
-    if settings.tune_labels == "captions" and config.grounding is None:
-        raise CapcliError(f"--tune-labels captions: the model in {init} is not grounded (it reads no labels); "
-                          f"drop it")
-    encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, job.encoder_weights))
-    lm = load_lm(config.lm, log=report.line)
-    return config, encoder, lm
+    init = modeldir.load_model(settings.init, encoder_weights=job.encoder_weights, log=report.line)
+    if settings.tune_labels == "captions" and init.config.grounding is None:
+        raise CapcliError(f"--tune-labels captions: the model in {init.model_dir} is not grounded (it reads no "
+                          f"labels); drop it")
+    return init
 
 
-def _new_config(job: TrainJob, encoder, lm) -> ModelConfig:
+def _new_config(job: TrainJob, encoder, lm, lm_name: str) -> ModelConfig:
     return ModelConfig(
         encoder=encoder.name, encoder_id=encoder.encoder_id, feature_dim=encoder.feature_dim,
-        num_tokens=encoder.num_tokens, lm=job.lm or DEFAULT_LM, lm_id=lm.lm_id, lm_width=lm.width,
+        num_tokens=encoder.num_tokens, lm=lm_name, lm_id=lm.lm_id, lm_width=lm.width,
         prefix_length=job.prefix_length or 10, hidden_size=job.hidden_size or 1024, prompt=job.prompt or "",
         grounding=job.grounding, detector=job.detector,
         encoder_weights=str(Path(job.encoder_weights).resolve()) if job.encoder_weights else None,
@@ -277,7 +297,7 @@ def _refuse_conflicts(job: TrainJob, config: ModelConfig, settings) -> None:
                               f"or start a new run")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CaptionJob:
     """`capcli caption`: which images, which model, how to decode, and where the captions go."""
 
@@ -624,7 +644,7 @@ def _merge_launched_parts(output: Path, part: Shard, resume: bool, report: Repor
         dist.destroy_process_group()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalJob:
     """`capcli eval`: caption a split and score it against its references."""
 

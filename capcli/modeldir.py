@@ -6,14 +6,18 @@ MODEL_DIR/
   checkpoint.pt        optimizer, scheduler, step and RNG state for --resume (loaded with weights_only=True)
   train_log.jsonl      one JSON object per logged step and per epoch
   loss_curve.png       training and validation loss
+  memory/              optional: a retrieval memory (capcli memory build) the model captions with
 
-Every write is atomic (a temporary file renamed into place).
+Every write is atomic (a temporary file renamed into place). `load_model` is the one way in: it reads a model
+dir (or a shipped model by name) and returns its parts, checked against each other, for captioning, training
+from it or evaluating it.
 """
 
 from __future__ import annotations
 
 import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +31,54 @@ MAPPER_FILE = "mapper.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 CURVE_FILE = "loss_curve.png"
+MEMORY_DIR = "memory"
+
+
+@dataclass
+class ModelParts:
+    """A model dir's parts: its config, its mapper's weights, and the frozen encoder and LM it names (loaded,
+    and checked to be the ones it was trained with)."""
+
+    model_dir: Path
+    config: ModelConfig
+    mapper_state: dict[str, torch.Tensor]
+    encoder: object  # capcli.encoders.ImageEncoder
+    lm: object | None  # capcli.lm.LanguageModel; None when loaded without it (with_lm=False)
+
+    def caption_model(self, device: torch.device | str = "cpu"):
+        """The CaptionModel with these weights, in eval mode on `device`."""
+        from capcli.pipeline import CaptionModel
+
+        model = CaptionModel(self.config, self.lm)
+        self.load_mapper_into(model.mapper)
+        return model.eval().to(torch.device(device))
+
+    def load_mapper_into(self, mapper: torch.nn.Module) -> None:
+        load_mapper_weights(mapper, self.mapper_state, self.model_dir / MAPPER_FILE, self.config.mapper)
+
+    @property
+    def own_memory(self) -> Path | None:
+        folder = self.model_dir / MEMORY_DIR
+        return folder if folder.is_dir() else None
+
+
+def load_model(spec: Path | str | None = None, *, encoder_weights: Path | None = None, log=None,
+               with_lm: bool = True) -> ModelParts:
+    """Read a model dir, or a shipped model by name (None: the default), with its encoder and (unless
+    with_lm=False) its LM. encoder_weights: the encoder's weights file, for a model trained with one that is no
+    longer where config.json says. log hears of first-use downloads and conversions."""
+    from capcli.encoders import load_encoder
+    from capcli.lm import load_lm
+
+    model_dir = resolve_model_dir(spec)
+    config, state = read_model_dir(model_dir)
+    encoder = load_encoder(config.encoder, _encoder_weights(config, encoder_weights))
+    if config.grounding is not None and encoder.head is None:
+        raise ModelError(f"{model_dir} names the objects its encoder's classifier sees, but encoder "
+                         f"{encoder.encoder_id} has no classification head; use weights that include it")
+    lm = load_lm(config.lm, log=log) if with_lm else None
+    check_matches(config, encoder, lm, model_dir)
+    return ModelParts(model_dir, config, state, encoder, lm)
 
 
 def read_model_dir(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -86,12 +138,12 @@ def check_matches(config: ModelConfig, encoder, lm, model_dir: Path) -> None:
     if encoder.encoder_id != config.encoder_id:
         raise ModelError(f"{model_dir} was trained with encoder {config.encoder_id}, but {encoder.encoder_id} was "
                          f"loaded; pass the weights it was trained with (--encoder-weights) or retrain")
-    if lm.lm_id != config.lm_id:
+    if lm is not None and lm.lm_id != config.lm_id:
         raise ModelError(f"{model_dir} was trained with language model {config.lm_id}, but {config.lm!r} gives "
                          f"{lm.lm_id}; install the LM it was trained with or retrain")
 
 
-def encoder_weights(config: ModelConfig, override: Path | None) -> Path | None:
+def _encoder_weights(config: ModelConfig, override: Path | None) -> Path | None:
     """The encoder weights file to load: the one given, else the file the model was trained with (recorded in
     config.json) if it is still there, else None (the packaged or hub weights)."""
     if override is not None:

@@ -14,23 +14,20 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from capcli.absent import absent_objects, absent_words, compound_nouns
 from capcli import modeldir
 from capcli.config import GenerationSettings, ModelConfig
 from capcli.detector import DEFAULT_DETECTOR, Detection, load_detector
 from capcli.devices import autocast, resolve_device
-from capcli.encoders import CPU_BATCH, ImageEncoder, load_encoder
+from capcli.encoders import CPU_BATCH, ImageEncoder
 from capcli.errors import InputError, ModelError
-from capcli.grounding import confident
 from capcli.labels import Labeler
-from capcli.lm import LanguageModel, load_lm
+from capcli.lm import LanguageModel
 from capcli.mapper import build_mapper
-from capcli.modeldir import MAPPER_FILE, check_matches, load_mapper_weights, read_model_dir, resolve_model_dir
+from capcli import steering
+from capcli.steering import ImageFacts
 from capcli.text import tidy
 
-MEMORY_DIR = "memory"  # a model dir's own retrieval memory, if it has one
 IGNORE_INDEX = -100  # label of positions that carry no loss: prefix, prompt, padding
-MIN_RETRY_TOKENS = 4  # an empty caption is decoded again with at least this many tokens
 
 
 class CaptionModel(nn.Module):
@@ -148,45 +145,27 @@ class CaptionModel(nn.Module):
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, settings: GenerationSettings, labels: list[list[str]] | None = None,
-                 bans: WordBans | None = None) -> list[list[str]]:
-        """Batched decoding with a KV cache (transformers' generate): K captions for each of B images.
-        A grounded model names `labels` (per image) in its prompt; `bans` holds, per image, words the captions
-        may not contain. Never returns an
-        empty caption: images whose caption came out empty are decoded again with the end of text forbidden for
-        a few tokens."""
-        context = self.context_ids(labels, features.shape[0])
-        captions = self._decode(features, context, settings, bans)
-        empty = [i for i, texts in enumerate(captions) if not all(texts)]
-        if empty:
-            least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
-            longer = dataclasses.replace(settings, min_new_tokens=least)
-            some_bans = bans.rows(empty) if bans else None
-            for i, texts in zip(empty, self._decode(features[empty], [context[i] for i in empty], longer,
-                                                    some_bans)):
-                captions[i] = [old or new for old, new in zip(captions[i], texts)]
-        return captions
+                 processors: list | None = None) -> list[list[str]]:
+        """Batched decoding with a KV cache (transformers' generate): K captions for each of B images. A
+        grounded model names `labels` (per image) in its prompt; `processors` are logits processors (steering's
+        stages make them). A caption may come out empty (the captioner's RetryEmpty stage decodes it again)."""
+        texts = self.texts(self._generate(features, self.context_ids(labels, features.shape[0]), settings,
+                                          processors))
+        k = settings.num_captions
+        return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
 
     def word_tokens(self, words: list[str]) -> list[list[int]]:
         """Each word's token ids as it follows a space inside a caption, lower case and capitalized."""
         spelled = dict.fromkeys(" " + form for w in words for form in (w, w[:1].upper() + w[1:]))
         return self.lm.tokenizer(list(spelled), add_special_tokens=False).input_ids
 
-    def _decode(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                bans: WordBans | None = None) -> list[list[str]]:
-        texts = self.texts(self._generate(features, context, settings, bans))
-        k = settings.num_captions
-        return [texts[i * k: (i + 1) * k] for i in range(features.shape[0])]
-
     def _generate(self, features: torch.Tensor, context: list[list[int]], settings: GenerationSettings,
-                  bans: WordBans | None = None) -> torch.Tensor:
+                  processors: list | None = None) -> torch.Tensor:
         """transformers' generate with a KV cache from the prefix and context: (B * num_captions, new tokens)."""
         from transformers import GenerationConfig
 
         embeds, mask = self.prefix_embeddings(features, context)  # (B, C, E)
         tok = self.lm.tokenizer
-        processors = []
-        if bans and any(bans.forbidden):
-            processors.append(_ForbiddenWords(bans.forbidden, bans.allowed))
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
             num_beams=settings.beams, do_sample=settings.sample, num_return_sequences=settings.num_captions,
@@ -204,59 +183,6 @@ class CaptionModel(nn.Module):
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
             return self.lm.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
                                           logits_processor=processors or None)
-
-
-@dataclasses.dataclass
-class WordBans:
-    """Per image, token sequences (words) its captions may not contain, and compound words that stay allowed
-    although they end in a forbidden word ("hot dog" where "dog" is forbidden)."""
-
-    forbidden: list[list[list[int]]]
-    allowed: list[list[list[int]]]
-
-    def rows(self, images: list[int]) -> "WordBans":
-        return WordBans([self.forbidden[i] for i in images], [self.allowed[i] for i in images])
-
-
-class _ForbiddenWords:
-    """A logits processor: per image, token sequences that may not be generated (as transformers'
-    `bad_words_ids`, which holds one list for the whole batch): a sequence's last token is forbidden where the
-    tokens before it were just generated. `allowed` sequences lift that again for their last token after
-    their own first tokens: "hot dog" stays possible where "dog" is forbidden."""
-
-    def __init__(self, forbidden: list[list[list[int]]], allowed: list[list[list[int]]] | None = None):
-        self.forbidden = [self._group(sequences) for sequences in forbidden]
-        self.allowed = [self._group(sequences) for sequences in (allowed or [[] for _ in forbidden])]
-
-    @staticmethod
-    def _group(sequences: list[list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Length of the head (tokens before the last) -> (heads (S, n), last tokens (S,))."""
-        by_length: dict[int, list[list[int]]] = {}
-        for sequence in sequences:
-            by_length.setdefault(len(sequence) - 1, []).append(sequence)
-        return {n: (torch.tensor([s[:-1] for s in group], dtype=torch.long).reshape(len(group), n),
-                    torch.tensor([s[-1] for s in group], dtype=torch.long)) for n, group in by_length.items()}
-
-    @staticmethod
-    def _mark(mask: torch.Tensor, recent: torch.Tensor, groups: dict, value: bool) -> None:
-        """Set mask[row, last] = value for each sequence whose head the row's latest tokens match."""
-        for n, (heads, lasts) in groups.items():
-            lasts = lasts.to(mask.device)
-            if n == 0:
-                mask[:, lasts] = value
-            elif recent.shape[1] >= n:
-                hit = (recent[:, -n:][:, None, :] == heads.to(recent.device)[None]).all(-1)  # (R, S)
-                rows, which = hit.nonzero(as_tuple=True)
-                mask[rows, lasts[which]] = value
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        rows_per_image = scores.shape[0] // len(self.forbidden)
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-        for image, (forbidden, allowed) in enumerate(zip(self.forbidden, self.allowed)):
-            rows = slice(image * rows_per_image, (image + 1) * rows_per_image)
-            self._mark(mask[rows], input_ids[rows], forbidden, True)
-            self._mark(mask[rows], input_ids[rows], allowed, False)
-        return scores.masked_fill(mask, -float("inf"))
 
 
 @dataclasses.dataclass
@@ -279,9 +205,9 @@ class Captioner:
         self.precision = precision  # autocast while captioning: see devices.autocast
         self.defaults = GenerationSettings().updated(**model.config.generation)
         self.labeler = Labeler()
-        self._word_ids: dict[str, list[list[int]]] = {}  # a word's token ids, lower case and capitalized
+        self.stages = [stage() for stage in steering.STAGES]  # steering, run in this order (capcli.steering)
         self.memory = None  # capcli.memory.Memory: similar images' captions pick among candidates
-        own = model_dir / MEMORY_DIR if model_dir is not None else None
+        own = model_dir / modeldir.MEMORY_DIR if model_dir is not None else None
         if own is not None and own.is_dir():
             self.use_memories([own])
 
@@ -295,22 +221,13 @@ class Captioner:
         objects: run the object detector (the model's, else the default) for outputs or --forbid-absent, even
         if the model does not read objects; a model that does, or forbids absent objects by default, always
         runs it."""
-        model_dir = resolve_model_dir(model_dir)  # log: hears of a first-use download
-        config, state = read_model_dir(model_dir)
-        encoder = load_encoder(config.encoder, modeldir.encoder_weights(config, encoder_weights))
-        if config.grounding is not None and encoder.head is None:
-            raise ModelError(f"{model_dir} names the objects its encoder's classifier sees, but encoder "
-                             f"{encoder.encoder_id} has no classification head; use weights that include it")
-        lm = load_lm(config.lm, log=log)
-        check_matches(config, encoder, lm, model_dir)
-        model = CaptionModel(config, lm)
-        load_mapper_weights(model.mapper, state, model_dir / MAPPER_FILE, config.mapper)
+        parts = modeldir.load_model(model_dir, encoder_weights=encoder_weights, log=log)
         torch_device = resolve_device(device)
-        model.eval().to(torch_device)
+        model, config = parts.caption_model(torch_device), parts.config
         detector = None
         if config.detector or objects or config.generation.get("forbid_absent"):
             detector = load_detector(config.detector or DEFAULT_DETECTOR, log=log)
-        return cls(model, encoder.to(torch_device), torch_device, model_dir, precision, detector)
+        return cls(model, parts.encoder.to(torch_device), torch_device, parts.model_dir, precision, detector)
 
     def use_memories(self, folders: list[Path], mode: str = "replace") -> None:
         """Caption with these memory dirs: instead of the model's own memory (`replace`) or with it (`add`)."""
@@ -338,67 +255,35 @@ class Captioner:
         # On a CPU the encoder is fastest in small batches (encoders.CPU_BATCH) and its activations grow with
         # the batch, so it encodes a few images at a time while the LM decodes the whole batch.
         chunk = len(images) if self.device.type == "cuda" else CPU_BATCH
-        grounding = self.model.config.grounding
         with autocast(self.device, self.precision):
             grid = torch.cat([self.encoder(part.to(self.device)) for part in images.split(chunk)])  # (B, N, D)
             pooled = grid.mean(1)  # (B, D)
-            named_objects = with_labels or grounding is not None  # these need the head (classify says so)
-            logits = self.encoder.classify(pooled) if named_objects else None
-            labels = self.labeler(logits) if named_objects else None
-            named = ([confident(row, grounding, objects[i] if objects is not None else None)
-                      for i, row in enumerate(labels)] if grounding else None)
-            bans = self._bans(settings, objects, named)
-            if self.memory is None:
-                captions, neighbours = self.model.generate(pooled.float(), settings, named, bans), None
-            else:
-                captions, neighbours = self._vote(pooled.float(), pooled, settings, named, bans)
-        return [Captioned([tidy(t) for t in c], labels[i] if with_labels else None, neighbours[i] if neighbours else None,
-                          objects[i] if objects is not None and with_labels else None)
-                for i, c in enumerate(captions)]
+            named_objects = with_labels or self.model.config.grounding is not None  # these need the head
+            labels = self.labeler(self.encoder.classify(pooled)) if named_objects else None
+            facts = [ImageFacts(pooled[i], labels[i] if labels else None, objects[i] if objects is not None else None)
+                     for i in range(len(pooled))]
+            captions = self._steered(facts, settings)
+        return [Captioned([tidy(t) for t in c], image.labels if with_labels else None, image.neighbours,
+                          image.objects if with_labels else None)
+                for c, image in zip(captions, facts)]
 
-    def _bans(self, settings: GenerationSettings, objects: list[list[Detection]] | None,
-              named: list[list[str]] | None) -> WordBans | None:
-        """With settings.forbid_absent: per image, the words for what it does not show (capcli.absent): every
-        COCO category the detector scores below settings.absent_below and no label told names."""
-        if not settings.forbid_absent:
-            return None
-        if objects is None:
-            raise ModelError("--forbid-absent reads the object detector's objects: load the captioner with "
-                             "objects=True (the command line does)")
-        told = named or [[] for _ in objects]
-        absent = [absent_objects(row, labels, settings.absent_below) for row, labels in zip(objects, told)]
-        return self._word_bans([[w for thing in row for w in absent_words(thing)] for row in absent])
+    def _steered(self, facts: list[ImageFacts], settings: GenerationSettings) -> list[list[str]]:
+        """Each image's captions, decoded and revised by the steering stages, in order."""
+        for stage in self.stages:
+            stage.prepare(self, facts, settings)
+        decoding = settings
+        for stage in self.stages:
+            decoding = stage.widen(self, decoding)
+        captions = self._decode(facts, decoding)
+        for stage in self.stages:
+            captions = stage.revise(self, facts, captions, decoding, settings, self._decode)
+        return captions
 
-    def _word_bans(self, words_per_image: list[list[str]]) -> WordBans:
-        forbidden, allowed = [], []
-        for row in words_per_image:
-            words = set(row)
-            # Compound nouns that end in a forbidden word but name something else ("hot dog", "teddy bear").
-            compounds = [c for c in compound_nouns() if c.split()[-1] in words and c not in words]
-            forbidden.append(self._tokens(sorted(words)))
-            allowed.append(self._tokens(compounds))
-        return WordBans(forbidden, allowed)
-
-    def _tokens(self, words: list[str]) -> list[list[int]]:
-        missing = [w for w in words if w not in self._word_ids]
-        if missing:
-            self._word_ids.update(zip(missing, (self.model.word_tokens([w]) for w in missing)))
-        return [ids for w in words for ids in self._word_ids[w]]
-
-    def _vote(self, features: torch.Tensor, pooled: torch.Tensor, settings: GenerationSettings,
-              named: list[list[str]] | None, bans: WordBans | None,
-              ) -> tuple[list[list[str]], list]:
-        """Decode `candidates` captions per image (beam search's N best, or N samples) and order them by how
-        much the nearest images' captions agree with each (CIDEr-D); keep the best `num_captions`."""
-        wide = max(settings.candidates, settings.num_captions)
-        decoding = dataclasses.replace(settings, num_captions=wide,
-                                       beams=settings.beams if settings.sample else max(settings.beams, wide))
-        neighbours = self.memory.nearest(pooled, settings.neighbours)
-        ordered = []
-        for candidates, near in zip(self.model.generate(features, decoding, named, bans), neighbours):
-            ranked = self.memory.ranked(candidates, near)
-            ordered.append((ranked * settings.num_captions)[: settings.num_captions])
-        return ordered, neighbours
+    def _decode(self, facts: list[ImageFacts], settings: GenerationSettings) -> list[list[str]]:
+        features = torch.stack([image.pooled for image in facts]).float()
+        told = [image.told for image in facts] if self.model.config.grounding is not None else None
+        processors = [p for stage in self.stages for p in stage.processors(self, facts, settings)]
+        return self.model.generate(features, settings, told, processors)
 
     def caption(self, images: Iterable, batch_size: int = 16, **options) -> list:
         """Caption PIL images or paths. Returns one caption per image, or a list of K with num_captions=K.
@@ -413,18 +298,38 @@ class Captioner:
 
     def _caption_images(self, images: Iterable, settings: GenerationSettings, batch_size: int,
                         with_labels: bool) -> list[Captioned]:
+        from itertools import islice
+
         from PIL import Image
 
         from capcli.images import open_image
 
-        pictures = [img.convert("RGB") if isinstance(img, Image.Image) else open_image(img) for img in images]
+        def picture(img):
+            return img.convert("RGB") if isinstance(img, Image.Image) else open_image(img)
+
         results: list[Captioned] = []
-        for start in range(0, len(pictures), batch_size):
-            part = pictures[start: start + batch_size]
+        remaining = iter(images)
+        while part := [picture(img) for img in islice(remaining, batch_size)]:  # one batch open at a time
             objects = [self.detector.detect(p) for p in part] if self.detector is not None else None
             batch = torch.stack([self.encoder.preprocess(p) for p in part])
             results.extend(self.caption_tensors(batch, settings, with_labels, objects))
         return results
+
+    def caption_folder(self, inputs: str | Path | list, recursive: bool = False, batch_size: int | None = None,
+                       workers: int | None = None, **options) -> Iterator[tuple[Path, list | str | InputError]]:
+        """Yield (path, caption) for every image of a folder (or of several folders, files and globs), as
+        `capcli caption` finds and decodes them: streamed, a batch at a time, decoded in parallel. An image
+        that cannot be read yields (path, InputError) and the rest go on. With num_captions=K, K captions."""
+        from capcli.images import find_images
+
+        paths = [path for path, _ in find_images([str(p) for p in (inputs if isinstance(inputs, list) else [inputs])],
+                                                 recursive)]
+        settings = self.settings(**options)
+        for path, result in self.caption_paths(paths, settings, batch_size, workers):
+            if isinstance(result, InputError) or settings.num_captions > 1:
+                yield path, result if isinstance(result, InputError) else result.captions
+            else:
+                yield path, result.captions[0]
 
     def caption_paths(self, paths: list[Path], settings: GenerationSettings, batch_size: int | None = None,
                       workers: int | None = None, with_labels: bool = False) -> Iterator[tuple[Path, Captioned | InputError]]:

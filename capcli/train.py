@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from capcli import modeldir
-from capcli.config import GenerationSettings, GroundingConfig, ModelConfig
+from capcli.config import GenerationSettings, GroundingConfig, ModelConfig, TrainSettings
 from capcli.data import CaptionSet
 from capcli.devices import autocast
 from capcli.errors import CapcliError
@@ -33,32 +33,6 @@ from capcli.grounding import classifier_labels, machine_example, training_exampl
 from capcli.pipeline import CaptionModel
 from capcli.reporting import Reporter, interrupts_deferred, sigterm_interrupts
 from capcli.scst import SelfCritical
-
-
-@dataclass
-class TrainSettings:
-    """How to train (recorded in config.json's "training" and in every checkpoint)."""
-
-    epochs: int = 5  # passes over the captions
-    batch_size: int = 32  # captions per step ("cider": images per step); the global batch, whatever the processes
-    lr: float = 5e-4  # peak learning rate (AdamW), after a linear warm-up, then cosine decay to a tenth
-    warmup_steps: int = 100  # steps of linear warm-up
-    weight_decay: float = 0.01  # AdamW weight decay
-    max_caption_tokens: int = 40  # longer captions are cut (the end-of-text token included)
-    seed: int = 0  # shuffling, initialisation and grounded training's label draws
-    max_steps: int | None = None  # stop (and end the schedule) after this many steps
-    checkpoint_every: int = 100  # steps between checkpoints
-    log_every: int = 10  # steps between lines of train_log.jsonl
-    sample_captions: int = 3  # captions shown per epoch, on stderr and in the log
-    precision: str = "auto"  # autocast: see devices.autocast
-    init: str | None = None  # model dir whose mapper weights the run starts from (same encoder, LM and sizes)
-    objective: str = "xent"  # "xent": cross-entropy on the captions; "cider": self-critical, on sampled captions' CIDEr-D
-    samples: int = 5  # captions sampled per image by the "cider" objective
-    xent_weight: float = 0.0  # "cider": weight of the cross-entropy of one reference caption per image, added
-    # to the self-critical loss (a mixed objective, Paulus et al. 2017) against collapse onto short, generic captions
-    object_penalty: float = 0.0  # "cider": taken off a sample's reward per object it names that no reference names
-    tune_labels: str = "classifier"  # "cider", grounded models: the labels in the prompt are the classifier's (as
-    # when captioning) or "captions": one training caption's own nouns, some dropped (as in grounded cross-entropy)
 
 
 @dataclass
@@ -76,6 +50,7 @@ class TrainRun:
     settings: TrainSettings
     checkpoint: dict | None = None  # the checkpoint to resume from
     detector: object | None = None  # the object detector of a model that reads objects (capcli.detector)
+    init: modeldir.ModelParts | None = None  # the model whose mapper weights a new run starts from
 
 
 @dataclass
@@ -182,12 +157,9 @@ def _prepare(run: TrainRun, accelerator, device, report: Reporter) -> _State:
         state.step = run.checkpoint["step"]
         torch.set_rng_state(run.checkpoint["rng"])
         report.line(f"resuming at step {state.step} of {total_steps}")
-    elif settings.init:
-        init = modeldir.resolve_model_dir(settings.init)
-        config, weights = modeldir.read_model_dir(init)
-        modeldir.check_matches(config, run.encoder, run.lm, init)
-        modeldir.load_mapper_weights(model.mapper, weights, init / modeldir.MAPPER_FILE, run.config.mapper)
-        report.line(f"starting from the mapper of {init}")
+    elif run.init is not None:
+        run.init.load_mapper_into(model.mapper)
+        report.line(f"starting from the mapper of {run.init.model_dir}")
     else:
         model.mapper.norm.fit(train_set.features)
     if accelerator.is_main_process:

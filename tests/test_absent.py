@@ -8,7 +8,8 @@ from capcli.absent import absent_objects, absent_words, compound_nouns
 from capcli.cli import app
 from capcli.config import GenerationSettings
 from capcli.detector import Detection
-from capcli.pipeline import Captioner, WordBans, _ForbiddenWords
+from capcli.pipeline import Captioner
+from capcli.steering import ForbiddenWords
 from conftest import make_images
 
 runner = CliRunner()
@@ -34,7 +35,7 @@ def test_what_the_detector_does_not_see_and_no_label_names_is_absent():
 
 def test_forbidden_words_are_blocked_per_image_and_only_after_their_first_tokens():
     # Two images with two rows (beams) each. Image 0 forbids the word [4] and the word [7, 8]; image 1 nothing.
-    forbid = _ForbiddenWords([[[4], [7, 8]], []])
+    forbid = ForbiddenWords([[[4], [7, 8]], []])
     scores = forbid(torch.tensor([[7], [1], [7], [7]]), torch.zeros(4, 10))
     assert scores[0, 4] == -float("inf") and scores[0, 8] == -float("inf")  # row 0 just wrote 7
     assert scores[1, 4] == -float("inf") and scores[1, 8] == 0  # row 1 did not
@@ -45,7 +46,7 @@ def test_forbidden_words_are_blocked_per_image_and_only_after_their_first_tokens
 
 def test_a_compound_stays_allowed_where_its_last_word_is_forbidden():
     # "dog" is token 5 and "hot dog" is 3, 5: after 3, a 5 is allowed; elsewhere it is not.
-    forbid = _ForbiddenWords([[[5]]], allowed=[[[3, 5]]])
+    forbid = ForbiddenWords([[[5]]], allowed=[[[3, 5]]])
     scores = forbid(torch.tensor([[3], [2]]), torch.zeros(2, 10))
     assert scores[0, 5] == 0 and scores[1, 5] == -float("inf")
 
@@ -53,11 +54,11 @@ def test_a_compound_stays_allowed_where_its_last_word_is_forbidden():
 def test_a_forbidden_word_never_appears_in_the_caption(tiny_model):
     captioner = Captioner.load(tiny_model, device="cpu")
     features = torch.randn(1, captioner.model.config.feature_dim, generator=torch.Generator().manual_seed(0))
-    settings = GenerationSettings(max_new_tokens=6, beams=2)
+    settings = GenerationSettings(max_new_tokens=6, min_new_tokens=2, beams=2)
     [[caption]] = captioner.model.generate(features, settings)
     word = caption.split()[0]
-    bans = WordBans(forbidden=[captioner.model.word_tokens([word])], allowed=[[]])
-    [[again]] = captioner.model.generate(features, settings, bans=bans)
+    forbid = ForbiddenWords(forbidden=[captioner.model.word_tokens([word])])
+    [[again]] = captioner.model.generate(features, settings, processors=[forbid])
     assert again and word not in again.lower().split()
 
 

@@ -83,9 +83,13 @@ def test_forbidding_absent_objects_bans_the_words_of_what_the_detector_did_not_s
     from capcli.images import open_image
     from capcli.pipeline import Captioner
 
+    from capcli.steering import BanWords
+
     captioner = Captioner.load(object_model, device="cpu")
-    banned, real = [], captioner._word_bans
-    monkeypatch.setattr(captioner, "_word_bans", lambda rows: banned.extend(rows) or real(rows))
+    banned, real = [], BanWords.processors
+    monkeypatch.setattr(BanWords, "processors",
+                        lambda self, captioner, facts, settings: banned.extend(f.banned for f in facts)
+                        or real(self, captioner, facts, settings))
     [image] = make_images(tmp_path, 1)  # a red shape: the stand-in sees an apple
     objects = [captioner.detector.detect(open_image(image))]
     pixels = captioner.encoder.preprocess(open_image(image))[None]

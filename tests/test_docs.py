@@ -12,7 +12,8 @@ from capcli.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md",
-        ROOT / "weights" / "default" / "MODEL_CARD.md", *sorted((ROOT / "docs").glob("*.md"))]
+        ROOT / "weights" / "default" / "MODEL_CARD.md", ROOT / "recipes" / "README.md",
+        ROOT / "experiments" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 

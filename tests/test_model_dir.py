@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.errors import ModelError
+from capcli.errors import CapcliError, ModelError
 from capcli.pipeline import Captioner
 from capcli.modeldir import load_checkpoint
 
@@ -40,6 +40,22 @@ def test_python_api_captions_images(tiny_model, tmp_path):
     captions = captioner.caption(images, max_new_tokens=4)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     assert captioner.caption(images[:1], beams=2, num_captions=2, max_new_tokens=4)[0].__len__() == 2
+    with pytest.raises(CapcliError, match="'beam'"):
+        captioner.caption(images, beam=5)  # a misspelt option is refused, not ignored
+
+
+def test_python_api_captions_a_folder_larger_than_a_batch_streamed_past_a_bad_file(tiny_model, tmp_path):
+    from conftest import make_images
+
+    from capcli.errors import InputError
+
+    images = make_images(tmp_path / "photos", 5)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a picture")
+    captioner = Captioner.load(tiny_model, device="cpu")
+    results = dict(captioner.caption_folder(tmp_path / "photos", batch_size=2, workers=0, max_new_tokens=4))
+    assert sorted(results) == sorted([*images, tmp_path / "photos" / "broken.jpg"])
+    assert isinstance(results.pop(tmp_path / "photos" / "broken.jpg"), InputError)
+    assert results == dict(zip(images, captioner.caption(images, max_new_tokens=4)))
 
 
 def test_missing_and_corrupt_files_are_named(tiny_model, tmp_path):

@@ -65,7 +65,7 @@ def test_a_stopped_extract_keeps_what_it_encoded(tmp_path, monkeypatch):
     data = tmp_path / "data"
     images = make_images(data, 20)
     (data / "captions.csv").write_text("image,caption\n" + "".join(f"{p.name},a shape\n" for p in images))
-    job = ExtractJob(data, out=tmp_path / "features", encoder="tiny-random-cnn", batch_size=2, workers=0)
+    job = ExtractJob(data=data, out=tmp_path / "features", encoder="tiny-random-cnn", batch_size=2, workers=0)
     real_forward, calls = ImageEncoder.forward, []
 
     def stop_in_the_fourth_batch(self, batch):

@@ -98,7 +98,7 @@ def test_caption_shards_concatenate_into_the_full_output(tiny_model, tmp_path, r
 
     def captions(*paths, stdin=None, **options) -> str:
         out = io.StringIO()
-        caption_job(CaptionJob(list(paths), model=tiny_model, **options), stdout=out, stdin=stdin)
+        caption_job(CaptionJob(paths=list(paths), model=tiny_model, **options), stdout=out, stdin=stdin)
         return out.getvalue()
 
     # The README's Slurm array, 3 tasks: a listing on stdin, one part file per task, then cat.
@@ -145,7 +145,7 @@ def test_a_shard_with_no_images_still_writes_its_part(tiny_model, tmp_path):
 
     image, = make_images(tmp_path / "photos", 1)
     for i in range(2):  # one image, two shards: one of them is empty
-        caption_job(CaptionJob([str(image)], model=tiny_model, shard=f"{i}/2", format="csv",
+        caption_job(CaptionJob(paths=[str(image)], model=tiny_model, shard=f"{i}/2", format="csv",
                                output=tmp_path / f"part-{i}.csv"))
     parts = [(tmp_path / f"part-{i}.csv").read_text() for i in range(2)]
     assert "".join(parts).splitlines()[0] == "image,caption" and "".join(parts).count(str(image)) == 1

@@ -103,7 +103,7 @@ def test_a_self_critical_run_keeps_the_model_of_init_and_logs_the_reward(tiny_da
     from capcli.jobs import TrainJob, train_job
 
     out = tmp_path / "tuned"
-    train_job(TrainJob(tiny_data, out, features=tiny_data / "features", settings=dict(
+    train_job(TrainJob(data=tiny_data, out=out, features=tiny_data / "features", settings=dict(
         init=str(tiny_model), objective="cider", samples=3, xent_weight=0.1, object_penalty=0.01, batch_size=4, epochs=2,
         lr=1e-4, warmup_steps=1, log_every=1)))
     before, after = (json.loads((d / "config.json").read_text()) for d in (tiny_model, out))
