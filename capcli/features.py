@@ -172,9 +172,26 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
     batch_size defaults to 64 on a GPU and encoders.CPU_BATCH (4) on a CPU.
 
     failures is a list of InputError; progress(n) is called as images are done (cached ones at once)."""
-    from capcli.devices import autocast
     from capcli.encoders import CPU_BATCH
 
+    digests, todo, encoded_already, failures = _missing(paths, encoder, cache, progress, detector)
+    encoded = 0
+    failed_shas: set[str] = set()
+    batch_size = batch_size or (64 if device.type == "cuda" else CPU_BATCH)
+    if todo:
+        if workers is None and len(todo) <= SMALL_JOB and device.type == "cpu":
+            workers = 0  # decode in this process: starting workers costs more than it saves
+        encoded, failed = _encode(list(todo), list(todo.values()), encoded_already, encoder.to(device), cache,
+                                  device, batch_size, workers, progress, detector)
+        failures += [error for _, error in failed]
+        failed_shas = {sha for sha, _ in failed}
+    digests = {path: sha for path, sha in digests.items() if sha not in failed_shas}  # copies of a bad file too
+    return digests, encoded, failures
+
+
+def _missing(paths: list[Path], encoder, cache: FeatureCache, progress, detector):
+    """Each readable path's content digest; one path per distinct content the cache lacks (features, or with
+    a detector its objects), with the digests whose features are there already; unreadable files."""
     digests: dict[Path, str] = {}
     failures: list[InputError] = []
     todo: dict[str, Path] = {}  # one path per distinct content
@@ -194,41 +211,38 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
             encoded_already.add(sha)
         else:
             progress(1)
-    encoded = 0
-    failed_shas: set[str] = set()
-    batch_size = batch_size or (64 if device.type == "cuda" else CPU_BATCH)
-    if todo:
-        encoder = encoder.to(device)
-        shas, files = list(todo), list(todo.values())
-        buffer: list[tuple[list[str], torch.Tensor]] = []
-        buffered = 0
-        try:
-            if workers is None and len(files) <= SMALL_JOB and device.type == "cpu":
-                workers = 0  # decode in this process: starting workers costs more than it saves
-            for indices, images, failed, objects in image_batches(files, encoder.preprocess, batch_size, workers,
-                                                                  detector):
-                for i, error in failed:
-                    failures.append(error)
-                    failed_shas.add(shas[i])
-                if objects is not None:
-                    cache.add_objects(detector.detector_id, [shas[i] for i in indices], objects)
-                new = [k for k, i in enumerate(indices) if shas[i] not in encoded_already]
-                if new:
-                    with torch.inference_mode(), autocast(device):
-                        pooled = encoder(images[new].to(device)).float().mean(1)  # (B, D)
-                    buffer.append(([shas[indices[k]] for k in new], pooled.cpu()))
-                    buffered += len(new)
-                    encoded += len(new)
-                if buffered >= SHARD_SIZE:
-                    _flush(cache, encoder.encoder_id, buffer)
-                    buffer, buffered = [], 0
-                progress(len(indices) + len(failed))
-        except KeyboardInterrupt:
-            _flush(cache, encoder.encoder_id, buffer)  # keep what was encoded before the stop
-            raise
+    return digests, todo, encoded_already, failures
+
+
+def _encode(shas: list[str], files: list[Path], encoded_already: set[str], encoder, cache: FeatureCache, device,
+            batch_size: int, workers: int | None, progress, detector) -> tuple[int, list[tuple[str, InputError]]]:
+    """Decode, detect and encode the files into the cache, a shard at a time; how many were encoded, and the
+    (digest, error) of those that could not be decoded. A stop keeps what was encoded before it."""
+    from capcli.devices import autocast
+
+    encoded, failed_files = 0, []
+    buffer: list[tuple[list[str], torch.Tensor]] = []
+    buffered = 0
+    try:
+        for indices, images, failed, objects in image_batches(files, encoder.preprocess, batch_size, workers,
+                                                              detector):
+            failed_files += [(shas[i], error) for i, error in failed]
+            if objects is not None:
+                cache.add_objects(detector.detector_id, [shas[i] for i in indices], objects)
+            new = [k for k, i in enumerate(indices) if shas[i] not in encoded_already]
+            if new:
+                with torch.inference_mode(), autocast(device):
+                    pooled = encoder(images[new].to(device)).float().mean(1)  # (B, D)
+                buffer.append(([shas[indices[k]] for k in new], pooled.cpu()))
+                buffered += len(new)
+                encoded += len(new)
+            if buffered >= SHARD_SIZE:
+                _flush(cache, encoder.encoder_id, buffer)
+                buffer, buffered = [], 0
+            progress(len(indices) + len(failed))
+    finally:
         _flush(cache, encoder.encoder_id, buffer)
-    digests = {path: sha for path, sha in digests.items() if sha not in failed_shas}  # copies of a bad file too
-    return digests, encoded, failures
+    return encoded, failed_files
 
 
 def _flush(cache: FeatureCache, encoder_id: str, buffer) -> None:
