@@ -17,7 +17,7 @@ from PIL import Image
 
 from capcli.config import GenerationSettings
 from capcli.devices import autocast
-from capcli.encoders import timm_efficientnet_lite
+from capcli.model.encoders import timm_efficientnet_lite
 from capcli.text import tidy
 
 
@@ -38,7 +38,7 @@ def seed_extract(paths: list[Path], encoder_name: str, preprocess, device: torch
 
 def _encode_one(captioner, path: Path) -> tuple[torch.Tensor, list[list[str]] | None]:
     """One image's features, and its labels when the model is grounded (as capcli's captioning computes them)."""
-    from capcli.grounding import confident
+    from capcli.steering.grounding import confident
 
     image = Image.open(path).convert("RGB")
     grid = captioner.encoder(captioner.encoder.preprocess(image).unsqueeze(0).to(captioner.device))
@@ -61,7 +61,7 @@ def _retry_settings(settings: GenerationSettings) -> GenerationSettings:
     """The settings capcli decodes an empty caption again with (steering.RetryEmpty)."""
     import dataclasses
 
-    from capcli.steering import MIN_RETRY_TOKENS
+    from capcli.steering.stages import MIN_RETRY_TOKENS
 
     least = min(max(settings.min_new_tokens, MIN_RETRY_TOKENS), settings.max_new_tokens)
     return dataclasses.replace(settings, min_new_tokens=least)

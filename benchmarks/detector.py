@@ -26,7 +26,7 @@ FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 RUN = """
 import json, resource, sys, time
 from pathlib import Path
-from capcli.pipeline import Captioner
+from capcli.model.pipeline import Captioner
 paths = [Path(p) for p in sys.argv[1:]]
 captioner = Captioner.load(device="cpu")
 settings = captioner.settings()

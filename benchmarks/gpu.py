@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from capcli.data.images import open_image
 from capcli.devices import autocast
-from capcli.images import open_image
-from capcli.pipeline import Captioner
+from capcli.model.pipeline import Captioner
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = ROOT.parent / "shared" / "data" / "flickr8k"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from capcli.images import open_image
-from capcli.pipeline import Captioner
+from capcli.data.images import open_image
+from capcli.model.pipeline import Captioner
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = ROOT.parent / "shared" / "data" / "flickr8k"

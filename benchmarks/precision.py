@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from capcli.images import open_image
-from capcli.pipeline import Captioner
+from capcli.data.images import open_image
+from capcli.model.pipeline import Captioner
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = ROOT.parent / "shared" / "data" / "flickr8k"
@@ -52,7 +52,11 @@ def images_for(count: int) -> list[Path]:
 
 
 def torch_ao_dynamic(model, keep, per_channel=False):
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
 
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     spec = {n: qconfig for n, m in model.named_modules()
@@ -157,8 +161,8 @@ def chosen(only: str) -> dict:
 
 def dev_metrics(split: Path, only: str) -> None:
     """BLEU-4 and CIDEr of fp32 and each chosen setting on the split, and how many captions each changes."""
-    from capcli.data import load_captions
-    from capcli.evaluate import score
+    from capcli.data.captions import load_captions
+    from capcli.outputs.evaluate import score
 
     captioner = Captioner.load(None, device="cpu")
     references = load_captions(DEV, split)

@@ -30,12 +30,15 @@ sys.path.insert(0, str(HERE))
 from baselines import naive_caption, per_image_generate, seed_extract  # noqa: E402
 
 from capcli.allocator import keep_freed_memory  # noqa: E402
-from capcli.devices import autocast, resolve_device  # noqa: E402
-from capcli.encoders import CPU_BATCH  # noqa: E402
-from capcli.features import FeatureCache, extract  # noqa: E402
+from capcli.data.features import FeatureCache, extract  # noqa: E402
+from capcli.data.images import open_image  # noqa: E402
+from capcli.devices import (  # noqa: E402
+    CPU_BATCH,  # noqa: E402
+    autocast,
+    resolve_device,
+)
 from capcli.files import cache_dir  # noqa: E402
-from capcli.images import open_image  # noqa: E402
-from capcli.pipeline import Captioner  # noqa: E402
+from capcli.model.pipeline import Captioner  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 LM_MODELING = "transformers.models.llama.modeling_llama"  # the default LM (SmolLM2) is a Llama
@@ -61,7 +64,7 @@ def pick_images(args, workdir: Path) -> tuple[list[Path], list[str]]:
         paths = sorted(p for p in Path(args.image_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         return paths[: args.images], ["a photo ."] * min(len(paths), args.images)
     if FLICKR.is_dir():
-        from capcli.data import load_captions
+        from capcli.data.captions import load_captions
 
         data = load_captions(FLICKR, FLICKR / "dev.txt")
         paths = data.images[: args.images]

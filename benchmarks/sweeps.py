@@ -2,7 +2,7 @@
 
 - encoder: images/s of the EfficientNet-Lite0 trunk alone at batch 1-16: timm's layers against capcli's
   (batch norms folded, static padding), channels_last against the default layout, with glibc's default
-  allocator and with freed memory kept (-> encoders.CPU_BATCH, encoders.fold_batch_norms, capcli.allocator);
+  allocator and with freed memory kept (-> devices.CPU_BATCH, encoders.fold_batch_norms, capcli.allocator);
 - workers: extract with 0, 1 and 2 decoding workers, on a small and a larger job (-> features.SMALL_JOB);
 - caption: images/s of captioning at batch 16, 12 and 8, greedy and beam 3 (-> the CPU caption batch);
 - memory: RSS after each stage of loading the default model and captioning a batch;
@@ -53,7 +53,7 @@ def encoder_rates() -> None:
     import torch
 
     from capcli.allocator import keep_freed_memory
-    from capcli.encoders import timm_efficientnet_lite, load_encoder
+    from capcli.model.encoders import load_encoder, timm_efficientnet_lite
 
     allocator = "glibc default"
     if "--keep-freed-memory" in sys.argv:
@@ -86,8 +86,8 @@ def encoder_rates() -> None:
 def workers_sweep() -> None:
     import torch
 
-    from capcli.encoders import load_encoder
-    from capcli.features import FeatureCache, extract
+    from capcli.data.features import FeatureCache, extract
+    from capcli.model.encoders import load_encoder
 
     encoder = load_encoder()
     for count in (48, 200):
@@ -102,7 +102,7 @@ def workers_sweep() -> None:
 
 def caption_sweep() -> None:
     """Images/s of captioning 48 images at caption batch 16, 12 and 8 (-> Captioner.caption_paths' CPU default)."""
-    from capcli.pipeline import Captioner
+    from capcli.model.pipeline import Captioner
 
     captioner = Captioner.load(device="cpu")
     paths = images(48)
@@ -125,7 +125,7 @@ def absent_sweep() -> None:
 def option_cost(name: str, with_option: dict, without: dict, rounds: int = 3) -> None:
     """Images/s of captioning 48 images with the default model's decoding, with a decoding option and without,
     alternating so that the machine's drift falls on both."""
-    from capcli.pipeline import Captioner
+    from capcli.model.pipeline import Captioner
 
     captioner = Captioner.load(device="cpu")
     paths = images(48)
@@ -156,7 +156,7 @@ def memory_sweep() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     stage("+ the LM's modeling code")
-    from capcli.pipeline import Captioner
+    from capcli.model.pipeline import Captioner
 
     captioner = Captioner.load(device="cpu")
     stage("default model loaded (LM weights memory-mapped, not yet read)")
@@ -191,10 +191,10 @@ def startup_stages() -> None:
 
     stage("the LM's modeling code")
     from capcli.config import DEFAULT_ENCODER, DEFAULT_LM
-    from capcli.encoders import load_encoder
-    from capcli.images import open_image
-    from capcli.lm import load_lm
-    from capcli.pipeline import Captioner
+    from capcli.data.images import open_image
+    from capcli.model.encoders import load_encoder
+    from capcli.model.lm import load_lm
+    from capcli.model.pipeline import Captioner
 
     stage("capcli's modules")
     load_encoder(DEFAULT_ENCODER)

@@ -9,7 +9,7 @@ __all__ = ["Captioner", "CapcliError", "__version__"]
 
 def __getattr__(name):  # lazy public API (PEP 562), so `import capcli` does not import torch
     if name == "Captioner":
-        from capcli.pipeline import Captioner
+        from capcli.model.pipeline import Captioner
 
         return Captioner
     if name == "CapcliError":

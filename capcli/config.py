@@ -67,7 +67,7 @@ class ModelConfig:
     dropout: float = 0.0
     prompt: str = ""
     grounding: GroundingConfig | None = None  # labels in the prompt; None: the prefix alone
-    detector: str | None = None  # the object detector whose objects ground the captions (capcli.detector)
+    detector: str | None = None  # the object detector whose objects ground the captions (capcli.steering.detector)
     min_score: float = 0.5  # outputs and keywords leave out labels and objects scoring less (chosen on dev)
     encoder_weights: str | None = None  # the weights file trained with, if not the packaged or hub weights
     generation: dict = field(default_factory=dict)  # default decoding settings for this model
@@ -169,7 +169,7 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0  # beam search: a beam's log-probability is divided by its length to this power
     seed: int | None = None
-    forbid_absent: bool = False  # no words for what the object detector does not see (capcli.absent)
+    forbid_absent: bool = False  # no words for what the object detector does not see (capcli.steering.absent)
     absent_below: float = 0.3  # with forbid_absent: a COCO object the detector scores below this is absent
     neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
     candidates: int = 5  # with a memory: captions decoded (beam search's N best) before the vote

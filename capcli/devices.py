@@ -10,6 +10,10 @@ import torch
 from capcli.config import DEVICES
 from capcli.errors import CapcliError
 
+# Images per encoder forward on a CPU: small batches keep the activations in the caches, and larger ones gain
+# nothing (`python benchmarks/sweeps.py encoder`).
+CPU_BATCH = 4
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit device must exist."""

@@ -15,10 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, TRAINED_DECODING, GroundingConfig, ModelConfig
+from capcli.config import (
+    DEFAULT_ENCODER,
+    DEFAULT_LM,
+    TRAINED_DECODING,
+    GroundingConfig,
+    ModelConfig,
+)
+from capcli.data.shards import Shard, job_shard
 from capcli.errors import CapcliError, InputError
 from capcli.reporting import Reporter
-from capcli.shards import Shard, job_shard
 
 
 @dataclass
@@ -41,17 +47,17 @@ class ExtractJob:
     batch_size: int | None = None  # images per encoder forward (default: 4 on a CPU, 64 on a GPU)
     workers: int | None = None  # image-decoding processes
     device: str = "auto"
-    detector: str | None = None  # also detect each image's objects with this detector (capcli.detector)
+    detector: str | None = None  # also detect each image's objects with this detector (capcli.steering.detector)
 
 
 def extract_job(job: ExtractJob, report: Reporter = Reporter()) -> JobResult:
     """Encode every image of a data set once into the feature cache (only what is missing)."""
-    from capcli.data import load_captions
+    from capcli.data.captions import load_captions
+    from capcli.data.features import FeatureCache, extract
     from capcli.devices import resolve_device
-    from capcli.detector import load_detector
-    from capcli.encoders import load_encoder
-    from capcli.features import FeatureCache, extract
     from capcli.files import cache_dir
+    from capcli.model.encoders import load_encoder
+    from capcli.steering.detector import load_detector
 
     device = resolve_device(job.device)
     captions = load_captions(job.data, job.split)
@@ -95,12 +101,12 @@ class MemoryJob:
 
 def memory_job(job: MemoryJob, report: Reporter = Reporter()) -> JobResult:
     """Encode the images not yet in the feature cache, then write the memory (features, ids, captions)."""
-    from capcli import modeldir
-    from capcli.data import load_captions
+    from capcli.data.captions import load_captions
+    from capcli.data.features import FeatureCache, extract
     from capcli.devices import resolve_device
-    from capcli.features import FeatureCache, extract
     from capcli.files import cache_dir
-    from capcli.memory import Memory, image_ids
+    from capcli.model import modeldir
+    from capcli.steering.memory import Memory, image_ids
 
     parts = modeldir.load_model(job.model, encoder_weights=job.encoder_weights, with_lm=False)
     captions = load_captions(job.data, job.split)
@@ -152,12 +158,12 @@ RESUME_CHANGES = ("epochs", "max_steps")  # what a resumed run may change: its l
 
 def train_job(job: TrainJob, report: Reporter = Reporter()) -> dict:
     """Train a mapper (extracting missing features first); returns the last epoch's record."""
-    from capcli.data import load_captions
-    from capcli.detector import load_detector
-    from capcli.features import FeatureCache
+    from capcli.data.captions import load_captions
+    from capcli.data.features import FeatureCache
+    from capcli.data.shards import launched_rank
     from capcli.files import cache_dir
-    from capcli.shards import launched_rank
-    from capcli.train import TrainRun, fit
+    from capcli.steering.detector import load_detector
+    from capcli.training.train import TrainRun, fit
 
     if launched_rank()[0] > 0:
         report = Reporter()  # under torchrun / accelerate launch, only the main process speaks
@@ -180,8 +186,8 @@ def train_job(job: TrainJob, report: Reporter = Reporter()) -> dict:
 
 
 def _train_device(name: str):
+    from capcli.data.shards import launched_rank
     from capcli.devices import resolve_device
-    from capcli.shards import launched_rank
 
     if launched_rank()[1] > 1 and name not in ("auto", "cpu", "cuda"):
         raise CapcliError(f"--device {name}: launched processes each use their own GPU (LOCAL_RANK); "
@@ -192,8 +198,8 @@ def _train_device(name: str):
 def _train_model(job: TrainJob, report: Reporter):
     """The model config, settings, checkpoint and parts (encoder, LM, --init's mapper weights) of a new or
     resumed run."""
-    from capcli import modeldir
     from capcli.config import TrainSettings
+    from capcli.model import modeldir
 
     if job.resume:
         return _resumed_model(job, report)
@@ -219,9 +225,9 @@ def _train_model(job: TrainJob, report: Reporter):
 
 def _new_parts(job: TrainJob, report: Reporter):
     """The encoder and LM of a run from scratch, as model parts without a model dir or mapper weights."""
-    from capcli.encoders import load_encoder
-    from capcli.lm import load_lm
-    from capcli.modeldir import ModelParts
+    from capcli.model.encoders import load_encoder
+    from capcli.model.lm import load_lm
+    from capcli.model.modeldir import ModelParts
 
     encoder = load_encoder(job.encoder or DEFAULT_ENCODER, job.encoder_weights)
     return ModelParts(job.out, None, None, encoder, load_lm(job.lm or DEFAULT_LM, log=report.line))
@@ -240,8 +246,8 @@ def _refuse_tuning_options(settings) -> None:
 
 
 def _resumed_model(job: TrainJob, report: Reporter):
-    from capcli import modeldir
     from capcli.config import TrainSettings
+    from capcli.model import modeldir
 
     checkpoint_path = job.out / modeldir.CHECKPOINT_FILE
     if not checkpoint_path.is_file():
@@ -260,8 +266,7 @@ MODEL_OPTIONS = ("encoder", "lm", "prefix_length", "hidden_size", "prompt", "gro
 
 def _tuned_model(job: TrainJob, settings, report: Reporter):
     """A self-critical run fine-tunes the model of --init: its parts, config (and decoding) included."""
-    from capcli import modeldir
-
+    from capcli.model import modeldir
     if not settings.init:
         raise CapcliError("--objective cider fine-tunes a trained model: give it with --init MODEL_DIR")
     given = [k for k in MODEL_OPTIONS if getattr(job, k) is not None]
@@ -335,7 +340,7 @@ def caption_job(job: CaptionJob, report: Reporter = Reporter(), stdout: TextIO |
     """Caption images into the output (or `stdout`, default sys.stdout) and sidecars; `stdin` (default
     sys.stdin) lists paths for "-". Under torchrun or accelerate launch each process writes FILE.partRofN,
     and the main process merges the parts into FILE when all are done."""
-    from capcli.output import part_path
+    from capcli.outputs.output import part_path
 
     _check_caption_job(job)
     part = job_shard(job.shard)
@@ -381,7 +386,7 @@ def _check_caption_job(job: CaptionJob) -> None:
     if job.explain and job.format != "jsonl":
         raise CapcliError("--explain adds the neighbours to JSON lines records: use it with --format jsonl")
     if job.embed:
-        from capcli.metadata import require_exiftool
+        from capcli.outputs.metadata import require_exiftool
 
         require_exiftool()
 
@@ -394,7 +399,7 @@ def _images_to_caption(job: CaptionJob, part: Shard, stdin, report: Reporter) ->
     """This process's images (each once, in order) with their path relative to the folder given (for
     --shard and --sidecar-dir), how many were found in all, and how many of its images were left out because
     their sidecar would be another image's (each reported)."""
-    from capcli.images import find_images
+    from capcli.data.images import find_images
 
     found = dict(find_images(job.paths, job.recursive, stdin))  # path -> key
     if not found:
@@ -407,7 +412,7 @@ def _images_to_caption(job: CaptionJob, part: Shard, stdin, report: Reporter) ->
 
 
 def _sidecar(job: CaptionJob, image: Path, keys: dict[Path, str]) -> Path:
-    from capcli.output import sidecar_path
+    from capcli.outputs.output import sidecar_path
 
     return sidecar_path(image, keys[image], job.sidecar, job.sidecar_dir, job.sidecar_name == "full")
 
@@ -429,7 +434,7 @@ def _skip_done(job: CaptionJob, images: list[Path], keys: dict[Path, str],
                output: Path | None) -> tuple[int, list[Path]]:
     """Leave out images already in the output (--resume), and with --existing skip, those with a sidecar
     or (with --embed) a description in the file already."""
-    from capcli.output import done_images
+    from capcli.outputs.output import done_images
 
     before = len(images)
     if output is not None and job.resume:
@@ -438,7 +443,7 @@ def _skip_done(job: CaptionJob, images: list[Path], keys: dict[Path, str],
     if job.sidecar and job.existing == "skip":
         images = [p for p in images if not _sidecar(job, p, keys).exists()]
     if job.embed and job.existing == "skip":
-        from capcli.metadata import has_description
+        from capcli.outputs.metadata import has_description
 
         images = [p for p in images if not has_description(p)]
     return before - len(images), images
@@ -448,7 +453,7 @@ def _skip_done(job: CaptionJob, images: list[Path], keys: dict[Path, str],
 def _locked_targets(job: CaptionJob, images: list[Path], keys: dict[Path, str], output: Path | None):
     """One writer at a time for the output file, for sidecars that are appended to, and for embedding;
     overwriting sidecars is safe with several jobs (each file is replaced whole), so it is not locked."""
-    from capcli.locks import exclusive
+    from capcli.outputs.locks import exclusive
 
     with contextlib.ExitStack() as stack:
         if output is not None:
@@ -511,7 +516,7 @@ def _write_captions(job: CaptionJob, images: list[Path], keys: dict[Path, str], 
 def _load_captioner(job, report: Reporter, objects: bool = False):
     """The job's model on its device, with the memories it names (after the model's own, or instead); objects:
     run the object detector for outputs too."""
-    from capcli.pipeline import Captioner
+    from capcli.model.pipeline import Captioner
 
     captioner = Captioner.load(job.model, device=job.device, encoder_weights=job.encoder_weights, log=report.line,
                                precision=job.precision, objects=objects)
@@ -523,15 +528,15 @@ def _load_captioner(job, report: Reporter, objects: bool = False):
 
 
 def _empty_output(job: CaptionJob, output: Path, header: bool) -> None:
-    from capcli.output import CaptionWriter
+    from capcli.outputs.output import CaptionWriter
 
     with _output_stream(output, False, sys.stdout) as stream:
         CaptionWriter(stream, job.format, header, job.labels)
 
 
 def _writer(job: CaptionJob, stream: TextIO, header: bool):
-    from capcli.contactsheet import ContactSheet
-    from capcli.output import CaptionWriter
+    from capcli.outputs.contactsheet import ContactSheet
+    from capcli.outputs.output import CaptionWriter
 
     if job.format == "html":
         return ContactSheet(stream)
@@ -548,9 +553,9 @@ def _sure(result, min_score: float) -> tuple[list | None, list | None]:
 def _write_one(job: CaptionJob, path: Path, keys: dict[Path, str], captions: list[str], labels, neighbours,
                writer, objects=None) -> None:
     """Every output of one image: the file's own metadata first (it may refuse), then sidecar and record."""
-    from capcli.grounding import OBJECT_NOUNS
-    from capcli.metadata import embed, write_xmp_sidecar
-    from capcli.output import write_text_sidecar
+    from capcli.outputs.metadata import embed, write_xmp_sidecar
+    from capcli.outputs.output import write_text_sidecar
+    from capcli.steering.grounding import OBJECT_NOUNS
 
     subjects = []
     if job.labels:
@@ -632,7 +637,7 @@ def _merge_launched_parts(output: Path, part: Shard, resume: bool, report: Repor
 
     import torch.distributed as dist
 
-    from capcli.output import merge_parts, part_path
+    from capcli.outputs.output import merge_parts, part_path
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # a CPU barrier, whatever the devices
     try:
@@ -665,7 +670,7 @@ class EvalJob:
 
 def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResult]:
     """The summary (text metrics, object metrics, decoding, time) and how many images failed."""
-    from capcli.data import load_captions
+    from capcli.data.captions import load_captions
 
     references = load_captions(job.data, job.split)
     report.line(references.report())
@@ -691,8 +696,8 @@ def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResu
 
 
 def _score(predictions: dict, refs: dict, with_labels: bool, report: Reporter) -> tuple[dict, list[dict]]:
-    from capcli.evaluate import diversity, objects_by_top_label, score
-    from capcli.objects import object_metrics
+    from capcli.outputs.evaluate import diversity, objects_by_top_label, score
+    from capcli.steering.objects import object_metrics
 
     captions = {k: v.captions[0] for k, v in predictions.items()}
     metrics, per_image, tokenizer = score(captions, refs, warn=report.line)
@@ -707,8 +712,8 @@ def _score(predictions: dict, refs: dict, with_labels: bool, report: Reporter) -
 
 
 def _write_eval_outputs(job: EvalJob, summary: dict, rows: list[dict]) -> None:
-    from capcli.evaluate import write_report
     from capcli.files import atomic_write_text
+    from capcli.outputs.evaluate import write_report
 
     if job.output:
         atomic_write_text(job.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -22,7 +22,7 @@ def real_cache(monkeypatch):
     """The user's capcli cache, holding the default LM fetched by `capcli setup`. Tests that need the real
     LM skip without it, unless CAPCLI_REQUIRE_REAL=1 (as in CI), where its absence is a failure."""
     from capcli.files import cache_dir
-    from capcli.lm import SMOLLM2_SHA256, _converted_dir
+    from capcli.model.lm import SMOLLM2_SHA256, _converted_dir
 
     if USER_CACHE:
         monkeypatch.setenv("CAPCLI_CACHE", USER_CACHE)
@@ -184,7 +184,7 @@ class ColourDetector:
     def detect(self, image):
         import numpy as np
 
-        from capcli.detector import Detection
+        from capcli.steering.detector import Detection
 
         pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
         ys, xs = np.nonzero((pixels < 200).any(-1))
@@ -201,8 +201,7 @@ class ColourDetector:
 def colour_detector(request, monkeypatch):
     """The colour stand-in in place of the default detector (`--objects`, `--labels`, models that read objects),
     except in the tests marked real, which use the real detector that `capcli setup` fetched."""
-    from capcli import detector
-
+    from capcli.steering import detector
     if request.node.get_closest_marker("real") is None:
         monkeypatch.setitem(detector.DETECTORS, detector.DEFAULT_DETECTOR, lambda log: ColourDetector())
     return ColourDetector()

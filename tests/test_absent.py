@@ -2,15 +2,15 @@
 captions."""
 
 import torch
+from conftest import make_images
 from typer.testing import CliRunner
 
-from capcli.absent import absent_objects, absent_words, compound_nouns
 from capcli.cli import app
 from capcli.config import GenerationSettings
-from capcli.detector import Detection
-from capcli.pipeline import Captioner
-from capcli.steering import ForbiddenWords
-from conftest import make_images
+from capcli.model.pipeline import Captioner
+from capcli.steering.absent import absent_objects, absent_words, compound_nouns
+from capcli.steering.detector import Detection
+from capcli.steering.stages import ForbiddenWords
 
 runner = CliRunner()
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from conftest import make_images
 
+from capcli.data.features import FeatureCache, extract
 from capcli.devices import resolve_device
-from capcli.encoders import load_encoder
-from capcli.features import FeatureCache, extract
-from capcli.pipeline import Captioner
+from capcli.model.encoders import load_encoder
+from capcli.model.pipeline import Captioner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from baselines import naive_caption, per_image_generate, seed_extract  # noqa: E402

@@ -5,10 +5,10 @@ import io
 import subprocess
 import sys
 
+from conftest import make_images
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from conftest import make_images
 
 runner = CliRunner()
 
@@ -57,7 +57,7 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_with_it(tiny_model, tmp
 
 def test_the_length_penalty_goes_to_beam_search_only(tiny_model, tmp_path, monkeypatch):
     """--length-penalty reaches transformers' beam search; greedy decoding has no use for it (and would warn)."""
-    from capcli.pipeline import Captioner
+    from capcli.model.pipeline import Captioner
 
     captioner = Captioner.load(tiny_model, device="cpu")
     lm = captioner.model.lm.model
@@ -187,7 +187,7 @@ def test_an_output_that_cannot_be_written_stops_with_a_clear_error(tiny_model, t
 def test_precision_sets_the_lm_autocast_and_fp32_is_the_cpu_default(tiny_model, tmp_path):
     import torch
 
-    from capcli.pipeline import Captioner
+    from capcli.model.pipeline import Captioner
 
     images = make_images(tmp_path, 2)
     default = caption(*map(str, images), "--model", str(tiny_model))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from capcli.data import load_captions
+from capcli.data.captions import load_captions
 from capcli.errors import DataError
 
 

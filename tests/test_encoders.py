@@ -7,21 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from capcli.encoders import load_encoder, timm_efficientnet_lite
 from capcli.errors import ModelError
+from capcli.model.encoders import load_encoder, timm_efficientnet_lite
 
 
 def chelsea():
     """scikit-image's public-domain photo of Chelsea the cat."""
     import skimage
 
-    from capcli.images import open_image
+    from capcli.data.images import open_image
 
     return open_image(Path(skimage.__file__).parent / "data" / "chelsea.png")
 
 
 def imagenet_top5(logits: torch.Tensor) -> list[str]:
-    from torchvision.models import ResNet50_Weights  # carries the ImageNet class names offline
+    from torchvision.models import (
+        ResNet50_Weights,  # carries the ImageNet class names offline
+    )
 
     names = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
     return [names[i] for i in logits.topk(5).indices[0].tolist()]
@@ -79,7 +81,7 @@ def test_unknown_encoder_and_wrong_weights_are_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
 def test_capcli_efficientnet_lite_gives_the_features_and_classes_of_timms_layers(name):
-    """capcli/lite.py builds the network from its weights file with batch norms folded and static padding:
+    """capcli/model/lite.py builds the network from its weights file with batch norms folded and static padding:
     its features and ImageNet logits must be those of timm's tf_efficientnet_liteK, to float rounding."""
     pytest.importorskip("timm")
     from torch import nn
@@ -98,7 +100,7 @@ def test_capcli_efficientnet_lite_gives_the_features_and_classes_of_timms_layers
 
 
 def test_backbone_only_lite_weights_give_features_but_no_head(tmp_path):
-    from capcli.encoders import _lite_weights_file
+    from capcli.model.encoders import _lite_weights_file
 
     full = torch.load(_lite_weights_file("efficientnet-lite0"), weights_only=True)
     backbone = tmp_path / "lite0-backbone.pth"
@@ -123,16 +125,16 @@ def test_weights_of_another_network_are_refused_for_efficientnet_lite(tmp_path):
 
 def test_loading_the_default_encoder_imports_no_model_library():
     """The caption path builds EfficientNet-Lite itself: timm's import alone costs most of a second."""
-    code = ("import sys; from capcli.encoders import load_encoder; load_encoder(); "
-            "print(sorted(m for m in ('timm', 'capcli.lite') if m in sys.modules))")
+    code = ("import sys; from capcli.model.encoders import load_encoder; load_encoder(); "
+            "print(sorted(m for m in ('timm', 'capcli.model.lite') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split("\n")[0] == "['capcli.lite']"
+    assert result.stdout.split("\n")[0] == "['capcli.model.lite']"
 
 
 def test_batch_norms_are_folded_only_where_the_output_stays_the_same():
     from torch import nn
 
-    from capcli.encoders import fold_batch_norms
+    from capcli.model.encoders import fold_batch_norms
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))

@@ -6,15 +6,16 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-import capcli.evaluate
+import capcli.outputs.evaluate
 from capcli.cli import app
-from capcli.evaluate import diversity, python_tokenize, score
+from capcli.outputs.evaluate import diversity, score
+from capcli.text import python_tokenize
 
 runner = CliRunner()
 
 
 def test_identical_captions_score_perfectly_and_wrong_ones_do_not(monkeypatch):
-    monkeypatch.setattr(capcli.evaluate, "java_available", lambda: False)  # fast, and the fallback is tested
+    monkeypatch.setattr(capcli.outputs.evaluate, "java_available", lambda: False)  # fast, and the fallback is tested
     refs = {"a": ["a dog runs on the grass", "a brown dog runs"], "b": ["a man rides a red bike", "a cyclist"],
             "c": ["two cats sleep on a sofa", "cats asleep"]}
     perfect, per_image, tokenizer = score({k: v[0] for k, v in refs.items()}, refs)
@@ -41,7 +42,7 @@ def test_ptb_tokenizer_and_meteor_with_java():
 
 
 def test_eval_command_prints_summary_and_writes_predictions_and_report(tiny_model, shapes_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(capcli.evaluate, "java_available", lambda: False)
+    monkeypatch.setattr(capcli.outputs.evaluate, "java_available", lambda: False)
     predictions, report = tmp_path / "pred.jsonl", tmp_path / "report.html"
     result = runner.invoke(app, ["eval", "--data", str(shapes_data), "--split", str(shapes_data / "dev.txt"),
                                  "--model", str(tiny_model), "-o", str(predictions), "--report", str(report),

@@ -5,9 +5,9 @@ import sys
 
 from typer.testing import CliRunner
 
-import capcli.features
+import capcli.data.features
 from capcli.cli import app
-from capcli.features import FeatureCache
+from capcli.data.features import FeatureCache
 
 runner = CliRunner()
 
@@ -17,8 +17,8 @@ def distinct_images(data):
 
 
 def test_interrupted_extract_keeps_finished_shards_and_fills_in_the_rest(shapes_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(capcli.features, "SHARD_SIZE", 8)
-    real_batches = capcli.features.image_batches
+    monkeypatch.setattr(capcli.data.features, "SHARD_SIZE", 8)
+    real_batches = capcli.data.features.image_batches
 
     def interrupted_after_three_batches(*args, **kwargs):
         for n, batch in enumerate(real_batches(*args, **kwargs)):
@@ -26,11 +26,11 @@ def test_interrupted_extract_keeps_finished_shards_and_fills_in_the_rest(shapes_
                 raise KeyboardInterrupt  # after one full shard (8 images) and 4 more images in the buffer
             yield batch
 
-    monkeypatch.setattr(capcli.features, "image_batches", interrupted_after_three_batches)
+    monkeypatch.setattr(capcli.data.features, "image_batches", interrupted_after_three_batches)
     args = ["extract", "--data", str(shapes_data), "--out", str(tmp_path / "f"), "--encoder", "tiny-random-cnn",
             "--batch-size", "4", "--workers", "0"]
     assert runner.invoke(app, args).exit_code == 130
-    monkeypatch.setattr(capcli.features, "image_batches", real_batches)
+    monkeypatch.setattr(capcli.data.features, "image_batches", real_batches)
     result = runner.invoke(app, args)
     assert result.exit_code == 0
     assert f"encoded {distinct_images(shapes_data) - 12} images" in result.stderr  # the buffer was kept too

@@ -9,14 +9,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_images, train_tiny, tune
 from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.config import GenerationSettings, GroundingConfig
+from capcli.data.images import open_image
 from capcli.errors import ModelError
-from capcli.images import open_image
-from capcli.pipeline import Captioner
-from conftest import make_images, train_tiny, tune
+from capcli.model.pipeline import Captioner
 
 runner = CliRunner()
 
@@ -79,15 +79,15 @@ def test_a_caption_is_never_empty(tiny_model, tmp_path):
 
 def headless(monkeypatch):
     """Encoders loaded without their classification head, as backbone-only weights give."""
-    import capcli.encoders
+    import capcli.model.encoders
 
-    real = capcli.encoders.load_encoder
+    real = capcli.model.encoders.load_encoder
 
     def load(*args, **kwargs):
         encoder = real(*args, **kwargs)
         encoder.head = None
         return encoder
-    monkeypatch.setattr(capcli.encoders, "load_encoder", load)
+    monkeypatch.setattr(capcli.model.encoders, "load_encoder", load)
 
 
 def test_labels_without_a_classification_head_stop_with_one_line(tiny_model, tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_the_python_api_gives_labels_on_request_and_captions_without_a_head(tiny
 
 def test_self_critical_tuning_with_caption_labels_names_a_training_caption_s_nouns(grounded_model, tiny_data, tmp_path,
                                                                                  monkeypatch):
-    from capcli.pipeline import CaptionModel
+    from capcli.model.pipeline import CaptionModel
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -156,7 +156,7 @@ def test_self_critical_tuning_with_caption_labels_names_a_training_caption_s_nou
 def test_mixed_training_labels_tell_the_photos_labels_for_some_captions_and_the_captions_nouns_for_others():
     from types import SimpleNamespace
 
-    from capcli.train import _example
+    from capcli.training.train import _example
 
     data = SimpleNamespace(pairs=[(0, None)], texts=["A dog runs after a cat ."], labels=[["person", "frisbee"]])
     mix = GroundingConfig(drop=0.0, swap=0.0, train_labels="mix")

@@ -5,8 +5,8 @@ import io
 import pytest
 from PIL import Image
 
+from capcli.data.images import find_images, open_image
 from capcli.errors import InputError
-from capcli.images import find_images, open_image
 
 
 def test_find_images_in_files_folders_globs_and_stdin(tmp_path):

@@ -5,8 +5,15 @@ import random
 import pytest
 import torch
 
-from capcli.labels import Labeler, class_nouns, find_nouns, plural, swap_noun, vocabulary
-from capcli.objects import object_metrics, objects_in
+from capcli.steering.labels import (
+    Labeler,
+    class_nouns,
+    find_nouns,
+    plural,
+    swap_noun,
+    vocabulary,
+)
+from capcli.steering.objects import object_metrics, objects_in
 
 
 def test_every_imagenet_class_has_a_row_and_a_sample_is_right():

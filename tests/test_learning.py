@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
+from conftest import expected_caption
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from conftest import expected_caption
 
 runner = CliRunner()
 

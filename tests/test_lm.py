@@ -7,7 +7,7 @@ def test_tied_weights_are_stored_once_under_the_name_transformers_ties_from(tiny
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from capcli.lm import _write_folder
+    from capcli.model.lm import _write_folder
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm), AutoTokenizer.from_pretrained(tiny_lm)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tiny LM ties them, as SmolLM2 does

@@ -2,7 +2,7 @@
 
 import torch
 
-from capcli.mapper import MLPMapper
+from capcli.model.mapper import MLPMapper
 
 
 def test_the_mapper_turns_pooled_features_into_prefix_embeddings():

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.memory import Memory
+from capcli.steering.memory import Memory
 
 runner = CliRunner()
 
@@ -32,14 +32,14 @@ def test_cider_d_votes_match_pycocoevalcap():
     for candidate, item_refs in zip(candidates, refs):
         scorer += (candidate, item_refs)
     _, expected = scorer.compute_score()
-    from capcli.memory import Neighbour
+    from capcli.steering.memory import Neighbour
 
     ours = [memory.consensus([c], [Neighbour(str(i), 1.0, r)])[0] for i, (c, r) in enumerate(zip(candidates, refs))]
     assert ours == pytest.approx(list(expected), rel=1e-9)
 
 
 def test_the_candidate_the_neighbours_agree_with_wins():
-    from capcli.memory import Neighbour
+    from capcli.steering.memory import Neighbour
 
     memory = Memory("enc", ["a", "b"], [["a red circle ."], ["a blue square ."]], __import__("torch").eye(2).half())
     votes = memory.consensus(["a blue square .", "a red circle ."], [Neighbour("a", 0.9, ["a red circle .", "red circle"])])

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.errors import CapcliError, ModelError
-from capcli.pipeline import Captioner
-from capcli.modeldir import load_checkpoint
+from capcli.model.modeldir import load_checkpoint
+from capcli.model.pipeline import Captioner
 
 runner = CliRunner()
 
@@ -135,7 +135,7 @@ def test_training_twice_into_one_dir_needs_resume(tiny_model, shapes_data, tiny_
 def test_shipped_models_are_found_by_name_unless_a_folder_has_that_name(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from capcli.modeldir import resolve_model_dir
+    from capcli.model.modeldir import resolve_model_dir
 
     weights = Path(__file__).resolve().parents[1] / "weights"
     monkeypatch.chdir(tmp_path)

@@ -14,8 +14,8 @@ from conftest import make_images
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.locks import exclusive, lock_path
-from capcli.metadata import read_xmp, xmp_packet
+from capcli.outputs.locks import exclusive, lock_path
+from capcli.outputs.metadata import read_xmp, xmp_packet
 
 runner = CliRunner()
 EXIFTOOL = shutil.which("exiftool")
@@ -195,7 +195,7 @@ def test_embed_reports_a_file_it_cannot_write_and_goes_on(tiny_model, tmp_path):
 
 
 def test_embed_without_exiftool_stops_with_one_line(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("capcli.metadata.shutil.which", lambda name: None)
+    monkeypatch.setattr("capcli.outputs.metadata.shutil.which", lambda name: None)
     make_images(tmp_path, 1)
     result = caption(tiny_model, str(tmp_path), "--embed")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--embed needs exiftool" in result.stderr
@@ -287,7 +287,7 @@ def test_appending_to_sidecars_in_a_folder_another_job_appends_to_is_refused(tin
 def test_the_lock_of_a_job_that_crashed_is_free_again(tiny_model, tmp_path):
     out = tmp_path / "captions.txt"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from capcli.locks import exclusive\n"
+                               "from capcli.outputs.locks import exclusive\n"
                                f"with exclusive(Path({str(out)!r}), 'output'):\n print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:

@@ -25,7 +25,7 @@ def photo_data(tmp_path) -> Path:
 
 
 def test_default_lm_loads_frozen(real_cache):
-    from capcli.lm import load_lm
+    from capcli.model.lm import load_lm
 
     lm = load_lm()
     assert lm.width == 576 and lm.tokenizer.eos_token_id is not None
@@ -34,10 +34,10 @@ def test_default_lm_loads_frozen(real_cache):
 
 def test_one_training_step_moves_only_the_mapper(real_cache):
     from capcli.config import ModelConfig
-    from capcli.encoders import load_encoder
-    from capcli.images import open_image
-    from capcli.lm import load_lm
-    from capcli.pipeline import CaptionModel
+    from capcli.data.images import open_image
+    from capcli.model.encoders import load_encoder
+    from capcli.model.lm import load_lm
+    from capcli.model.pipeline import CaptionModel
 
     encoder, lm = load_encoder(), load_lm()
     config = ModelConfig(encoder=encoder.name, encoder_id=encoder.encoder_id, feature_dim=encoder.feature_dim,
@@ -81,9 +81,9 @@ def test_the_shipped_default_model_captions_an_example_with_no_flags(real_cache)
 
 
 def test_the_encoder_names_the_example_photos():
-    from capcli.encoders import load_encoder
-    from capcli.images import open_image
-    from capcli.labels import Labeler
+    from capcli.data.images import open_image
+    from capcli.model.encoders import load_encoder
+    from capcli.steering.labels import Labeler
 
     encoder = load_encoder()
     examples = Path(__file__).resolve().parents[1] / "examples"
@@ -95,8 +95,8 @@ def test_the_encoder_names_the_example_photos():
 
 
 def test_the_default_model_names_the_astronaut_a_person_the_cat_the_coffee_and_the_rocket(real_cache):
-    from capcli.labels import nouns_in
-    from capcli.objects import objects_in
+    from capcli.steering.labels import nouns_in
+    from capcli.steering.objects import objects_in
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     result = runner.invoke(app, ["caption", str(examples), "--quiet"])

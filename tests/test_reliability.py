@@ -15,7 +15,7 @@ import pytest
 from conftest import make_images
 from typer.testing import CliRunner
 
-import capcli.output
+import capcli.outputs.output
 from capcli.cli import app
 from capcli.reporting import interrupts_deferred, sigterm_interrupts
 
@@ -59,8 +59,8 @@ def test_a_stopped_caption_job_keeps_whole_records_and_resume_finishes_it(stop, 
 
 def test_a_stopped_extract_keeps_what_it_encoded(tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, which the CLI turns into the same KeyboardInterrupt) during the 4th encoder batch."""
-    from capcli.encoders import ImageEncoder
     from capcli.jobs import ExtractJob, extract_job
+    from capcli.model.encoders import ImageEncoder
 
     data = tmp_path / "data"
     images = make_images(data, 20)
@@ -105,7 +105,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_written_records(tiny_mod
 
     # The disk fills after 3 records: those stay whole; the job stops with one line.
     out = tmp_path / "captions.jsonl"
-    real_write, written = capcli.output.CaptionWriter._write, []
+    real_write, written = capcli.outputs.output.CaptionWriter._write, []
 
     def disk_fills(self, row):
         if len(written) == 3:
@@ -113,7 +113,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_written_records(tiny_mod
         written.append(row)
         real_write(self, row)
 
-    monkeypatch.setattr(capcli.output.CaptionWriter, "_write", disk_fills)
+    monkeypatch.setattr(capcli.outputs.output.CaptionWriter, "_write", disk_fills)
     result = runner.invoke(app, ["caption", str(tmp_path / "photos"), "--model", str(tiny_model), "-f", "jsonl",
                                  "-o", str(out), "--batch-size", "1"])
     assert result.exit_code == 2 and f"cannot write {out} (No space left on device)" in result.stderr
@@ -123,7 +123,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_written_records(tiny_mod
     def no_space(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(capcli.output.CaptionWriter, "_write", real_write)
+    monkeypatch.setattr(capcli.outputs.output.CaptionWriter, "_write", real_write)
     monkeypatch.setattr("os.fsync", lambda fd: no_space(fd, b""))
     result = runner.invoke(app, ["caption", str(images[0]), "--model", str(tiny_model), "--sidecar", ".txt"])
     assert result.exit_code == 2 and "No space left on device" in result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_images
 
-from capcli.shards import Shard
+from capcli.data.shards import Shard
 
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-4  # 2 processes sum the same per-token losses in a different order: float rounding only

@@ -1,11 +1,11 @@
 """Steering stages: a new one is one class and one line, and the captioner runs it with the others."""
 
 import pytest
+from conftest import make_images
 
 from capcli import steering
-from capcli.images import open_image
-from capcli.pipeline import Captioner
-from conftest import make_images
+from capcli.data.images import open_image
+from capcli.model.pipeline import Captioner
 
 
 @pytest.fixture

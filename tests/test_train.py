@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from capcli.pipeline import CaptionModel
 from capcli.cli import app
+from capcli.model.pipeline import CaptionModel
 
 runner = CliRunner()
 

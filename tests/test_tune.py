@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import tune
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.scst import SelfCritical
-from conftest import tune
+from capcli.training.scst import SelfCritical
 
 runner = CliRunner()
 
@@ -37,9 +37,9 @@ def test_each_sample_is_measured_against_the_mean_of_the_others():
 
 
 def test_the_update_favours_the_sample_that_beat_the_baseline(tiny_model, tiny_lm):
-    from capcli.lm import load_lm
-    from capcli.modeldir import read_model_dir, load_mapper_weights
-    from capcli.pipeline import CaptionModel
+    from capcli.model.lm import load_lm
+    from capcli.model.modeldir import load_mapper_weights, read_model_dir
+    from capcli.model.pipeline import CaptionModel
 
     config, weights = read_model_dir(tiny_model)
     model = CaptionModel(config, load_lm(str(tiny_lm)))
@@ -62,9 +62,9 @@ def test_the_update_favours_the_sample_that_beat_the_baseline(tiny_model, tiny_l
 
 
 def test_weighted_loss_is_the_weighted_sum_of_each_caption_s_loss(tiny_model, tiny_lm):
-    from capcli.lm import load_lm
-    from capcli.modeldir import read_model_dir
-    from capcli.pipeline import CaptionModel
+    from capcli.model.lm import load_lm
+    from capcli.model.modeldir import read_model_dir
+    from capcli.model.pipeline import CaptionModel
 
     config, _ = read_model_dir(tiny_model)
     model = CaptionModel(config, load_lm(str(tiny_lm)))
@@ -78,9 +78,9 @@ def test_weighted_loss_is_the_weighted_sum_of_each_caption_s_loss(tiny_model, ti
 
 
 def test_the_cross_entropy_weight_adds_each_reference_s_loss_per_image(tiny_model, tiny_lm):
-    from capcli.lm import load_lm
-    from capcli.modeldir import read_model_dir
-    from capcli.pipeline import CaptionModel
+    from capcli.model.lm import load_lm
+    from capcli.model.modeldir import read_model_dir
+    from capcli.model.pipeline import CaptionModel
 
     config, _ = read_model_dir(tiny_model)
     model = CaptionModel(config, load_lm(str(tiny_lm)))

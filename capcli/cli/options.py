@@ -11,7 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, DEVICES, GroundingConfig, TrainSettings
+from capcli.config import (
+    DEFAULT_ENCODER,
+    DEFAULT_LM,
+    DEVICES,
+    GroundingConfig,
+    TrainSettings,
+)
 from capcli.errors import CapcliError
 
 Device = Enum("Device", {name: name for name in DEVICES}, type=str)
@@ -53,8 +59,8 @@ def job_from(job_class, options: dict, **settings_fields):
 
 def train_job_from(options: dict):
     """The TrainJob of train's options: the --grounded ones make the model's grounding, --objects its detector."""
-    from capcli.detector import DEFAULT_DETECTOR
     from capcli.jobs import TrainJob
+    from capcli.steering.detector import DEFAULT_DETECTOR
 
     missing = [f"--{name}" for name in ("data", "out") if options[name] is None]
     if missing:

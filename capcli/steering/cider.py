@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from capcli.evaluate import python_tokenize
+from capcli.text import python_tokenize
 
 N = 4  # n-grams of 1 to N words
 SIGMA = 6.0  # the length penalty's width, in words

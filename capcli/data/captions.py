@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capcli.data.images import is_image_name
 from capcli.errors import DataError
-from capcli.images import is_image_name
 
 IMAGE_FOLDERS = ("", "images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
 

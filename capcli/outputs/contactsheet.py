@@ -58,8 +58,8 @@ filter();
 
 def thumbnail_uri(image: Path) -> str | None:
     """A small JPEG of the image as a data URI, or None if it cannot be read now."""
+    from capcli.data.images import open_image
     from capcli.errors import InputError
-    from capcli.images import open_image
 
     try:
         img = open_image(image)
@@ -81,7 +81,7 @@ class ContactSheet:
 
     def write(self, image: Path, captions: list[str], labels: list[tuple[str, float]] | None = None,
               neighbours: list | None = None, objects: list | None = None) -> None:
-        from capcli.output import format_labels, format_objects
+        from capcli.outputs.output import format_labels, format_objects
 
         uri = thumbnail_uri(image)
         shown = "; ".join(x for x in (format_objects(objects or []), format_labels(labels or [])) if x)

@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from capcli.data.images import image_batches
 from capcli.errors import DataError, InputError
 from capcli.files import temporary_sibling
-from capcli.images import image_batches
 
 SHARD_SIZE = 1024  # images per shard file
 INDEX_BATCH = 256  # new file hashes per index transaction
@@ -103,8 +103,8 @@ class FeatureCache:
                                  for sha, row in zip(shas, detections)])
 
     def objects(self, detector_id: str, shas: list[str]) -> list[list]:
-        """The detections of these images in this order (capcli.detector.Detection)."""
-        from capcli.detector import Detection
+        """The detections of these images in this order (capcli.steering.detector.Detection)."""
+        from capcli.steering.detector import Detection
 
         found = []
         for sha in shas:
@@ -169,10 +169,10 @@ def extract(paths: list[Path], encoder, cache: FeatureCache, device: torch.devic
     """Encode every image not yet in the cache (and detect its objects, with a detector). Returns (digests by
     path, number encoded, failures).
 
-    batch_size defaults to 64 on a GPU and encoders.CPU_BATCH (4) on a CPU.
+    batch_size defaults to 64 on a GPU and devices.CPU_BATCH (4) on a CPU.
 
     failures is a list of InputError; progress(n) is called as images are done (cached ones at once)."""
-    from capcli.encoders import CPU_BATCH
+    from capcli.devices import CPU_BATCH
 
     digests, todo, encoded_already, failures = _missing(paths, encoder, cache, progress, detector)
     encoded = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-from capcli.labels import PhraseMatcher, find_nouns, phrase_table
+from capcli.steering.labels import PhraseMatcher, find_nouns, phrase_table
 
 OBJECTS_FILE = "coco_objects.txt"
 

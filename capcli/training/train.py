@@ -4,7 +4,7 @@ Data-parallel under `torchrun` or `accelerate launch` (Hugging Face Accelerate s
 and the device): every process walks the same seeded order of global batches and takes every N-th row
 of each, DistributedDataParallel averages the gradients, and only the main process writes files. The
 loss is normalised by the global batch's token count, so N processes take the same steps as one.
-The model dir's files are written through capcli.modeldir.
+The model dir's files are written through capcli.model.modeldir.
 """
 
 from __future__ import annotations
@@ -22,17 +22,26 @@ from pathlib import Path
 
 import torch
 
-from capcli import modeldir
-from capcli.config import GenerationSettings, GroundingConfig, ModelConfig, TrainSettings
-from capcli.data import CaptionSet
+from capcli.config import (
+    GenerationSettings,
+    GroundingConfig,
+    ModelConfig,
+    TrainSettings,
+)
+from capcli.data.captions import CaptionSet
+from capcli.data.features import FeatureCache, extract
 from capcli.devices import autocast
 from capcli.errors import CapcliError
-from capcli.features import FeatureCache, extract
 from capcli.files import atomic_write_bytes
-from capcli.grounding import classifier_labels, machine_example, training_example
-from capcli.pipeline import CaptionModel
+from capcli.model import modeldir
+from capcli.model.pipeline import CaptionModel
 from capcli.reporting import Reporter, interrupts_deferred, sigterm_interrupts
-from capcli.scst import SelfCritical
+from capcli.steering.grounding import (
+    classifier_labels,
+    machine_example,
+    training_example,
+)
+from capcli.training.scst import SelfCritical
 
 
 @dataclass
@@ -49,7 +58,7 @@ class TrainRun:
     device: torch.device  # this process's device (launched processes: their own GPU)
     settings: TrainSettings
     checkpoint: dict | None = None  # the checkpoint to resume from
-    detector: object | None = None  # the object detector of a model that reads objects (capcli.detector)
+    detector: object | None = None  # the object detector of a model that reads objects (capcli.steering.detector)
     init: modeldir.ModelParts | None = None  # the model whose mapper weights a new run starts from
 
 

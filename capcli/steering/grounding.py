@@ -17,7 +17,6 @@ import torch
 
 from capcli.config import GroundingConfig
 
-
 # How the prompt names a COCO category where its name is not the everyday word.
 OBJECT_NOUNS = {"dining table": "table", "sports ball": "ball", "potted plant": "plant", "cell phone": "phone",
                 "tv": "television", "hair drier": "hair dryer"}
@@ -26,7 +25,7 @@ MAX_COUNT = 9  # more than this many of one object are told as "many"
 
 def object_phrase(label: str, count: int) -> str:
     """"dog", "2 dogs", "person", "3 people", "many people"."""
-    from capcli.labels import plural
+    from capcli.steering.labels import plural
 
     noun = OBJECT_NOUNS.get(label, label)
     if count == 1:
@@ -39,7 +38,7 @@ def confident(labels: list[tuple[str, float]], grounding: GroundingConfig, objec
     """The labels a grounded model is told, at most max_labels: the detector's objects scoring at least
     object_threshold, with their counts, best first; then the classifier's nouns scoring at least threshold
     that name no object already told."""
-    from capcli.objects import objects_in
+    from capcli.steering.objects import objects_in
 
     told, covered = [], set()
     if objects is not None:
@@ -56,7 +55,7 @@ def confident(labels: list[tuple[str, float]], grounding: GroundingConfig, objec
 def classifier_labels(encoder, pooled: torch.Tensor, grounding: GroundingConfig,
                       objects: list[list] | None = None) -> list[list[str]]:
     """Pooled features (I, D) (and each image's detections) -> each image's labels, as captioning tells them."""
-    from capcli.labels import Labeler
+    from capcli.steering.labels import Labeler
 
     labeler = Labeler()
     rows = [row for chunk in pooled.split(1024) for row in labeler(encoder.classify(chunk).cpu())]
@@ -71,7 +70,7 @@ def machine_example(labels: list[str], grounding: GroundingConfig, rng: random.R
 def training_example(caption: str, grounding: GroundingConfig, rng: random.Random) -> tuple[list[str], str]:
     """(labels, caption) for one training caption: its own nouns, each dropped with probability `drop`; with
     probability `swap`, one noun replaced by another of its kind in both the labels and the caption."""
-    from capcli.labels import find_nouns, swap_noun
+    from capcli.steering.labels import find_nouns, swap_noun
 
     mentions = find_nouns(caption)
     if mentions and rng.random() < grounding.swap:

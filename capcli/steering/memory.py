@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from capcli.cider import CiderD
 from capcli.errors import ModelError
 from capcli.files import atomic_write_bytes, atomic_write_text
+from capcli.steering.cider import CiderD
 
 FEATURES_FILE = "features.safetensors"
 INDEX_FILE = "memory.json"

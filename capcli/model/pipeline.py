@@ -14,17 +14,16 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from capcli import modeldir
 from capcli.config import GenerationSettings, ModelConfig
-from capcli.detector import DEFAULT_DETECTOR, Detection, load_detector
-from capcli.devices import autocast, resolve_device
-from capcli.encoders import CPU_BATCH, ImageEncoder
+from capcli.devices import CPU_BATCH, autocast, resolve_device
 from capcli.errors import InputError, ModelError
-from capcli.labels import Labeler
-from capcli.lm import LanguageModel
-from capcli.mapper import build_mapper
-from capcli import steering
-from capcli.steering import ImageFacts
+from capcli.model import modeldir
+from capcli.model.encoders import ImageEncoder
+from capcli.model.lm import LanguageModel
+from capcli.model.mapper import build_mapper
+from capcli.steering.detector import DEFAULT_DETECTOR, Detection, load_detector
+from capcli.steering.labels import Labeler
+from capcli.steering.stages import STAGES, ImageFacts
 from capcli.text import tidy
 
 IGNORE_INDEX = -100  # label of positions that carry no loss: prefix, prompt, padding
@@ -192,7 +191,7 @@ class Captioned:
     captions: list[str]
     labels: list[tuple[str, float]] | None = None
     neighbours: list | None = None  # with a memory: the similar images whose captions voted (memory.Neighbour)
-    objects: list[Detection] | None = None  # with a detector: what it found (capcli.detector.Detection)
+    objects: list[Detection] | None = None  # with a detector: what it found (capcli.steering.detector.Detection)
 
 
 class Captioner:
@@ -201,12 +200,12 @@ class Captioner:
     def __init__(self, model: CaptionModel, encoder: ImageEncoder, device: torch.device, model_dir: Path | None = None,
                  precision: str = "auto", detector=None):
         self.model, self.encoder, self.device, self.model_dir = model, encoder, device, model_dir
-        self.detector = detector  # capcli.detector: each image's objects, for the prompt, bans and outputs
+        self.detector = detector  # capcli.steering.detector: each image's objects, for the prompt, bans and outputs
         self.precision = precision  # autocast while captioning: see devices.autocast
         self.defaults = GenerationSettings().updated(**model.config.generation)
         self.labeler = Labeler()
-        self.stages = [stage() for stage in steering.STAGES]  # steering, run in this order (capcli.steering)
-        self.memory = None  # capcli.memory.Memory: similar images' captions pick among candidates
+        self.stages = [stage() for stage in STAGES]  # steering, run in this order (capcli.steering.stages)
+        self.memory = None  # capcli.steering.memory.Memory: similar images' captions pick among candidates
         own = model_dir / modeldir.MEMORY_DIR if model_dir is not None else None
         if own is not None and own.is_dir():
             self.use_memories([own])
@@ -231,7 +230,7 @@ class Captioner:
 
     def use_memories(self, folders: list[Path], mode: str = "replace") -> None:
         """Caption with these memory dirs: instead of the model's own memory (`replace`) or with it (`add`)."""
-        from capcli.memory import Memory
+        from capcli.steering.memory import Memory
 
         memories = [Memory.load(Path(f)) for f in folders]
         for memory in memories:
@@ -252,7 +251,7 @@ class Captioner:
         if self.detector is not None and objects is None:
             raise ModelError(f"{self.model_dir or 'this model'} reads each image's objects: caption paths or PIL "
                              f"images (caption_paths, caption), which run the object detector")
-        # On a CPU the encoder is fastest in small batches (encoders.CPU_BATCH) and its activations grow with
+        # On a CPU the encoder is fastest in small batches (devices.CPU_BATCH) and its activations grow with
         # the batch, so it encodes a few images at a time while the LM decodes the whole batch.
         chunk = len(images) if self.device.type == "cuda" else CPU_BATCH
         with autocast(self.device, self.precision):
@@ -302,7 +301,7 @@ class Captioner:
 
         from PIL import Image
 
-        from capcli.images import open_image
+        from capcli.data.images import open_image
 
         def picture(img):
             return img.convert("RGB") if isinstance(img, Image.Image) else open_image(img)
@@ -320,7 +319,7 @@ class Captioner:
         """Yield (path, caption) for every image of a folder (or of several folders, files and globs), as
         `capcli caption` finds and decodes them: streamed, a batch at a time, decoded in parallel. An image
         that cannot be read yields (path, InputError) and the rest go on. With num_captions=K, K captions."""
-        from capcli.images import find_images
+        from capcli.data.images import find_images
 
         paths = [path for path, _ in find_images([str(p) for p in (inputs if isinstance(inputs, list) else [inputs])],
                                                  recursive)]
@@ -335,7 +334,7 @@ class Captioner:
                       workers: int | None = None, with_labels: bool = False) -> Iterator[tuple[Path, Captioned | InputError]]:
         """Yield (path, Captioned) or (path, InputError) for each path, in input order, decoding in parallel.
         batch_size defaults to 64 on a GPU and 16 on a CPU (`python benchmarks/sweeps.py caption`)."""
-        from capcli.images import image_batches
+        from capcli.data.images import image_batches
 
         batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
         for indices, images, failed, objects in image_batches(paths, self.encoder.preprocess, batch_size, workers,

