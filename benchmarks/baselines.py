@@ -6,6 +6,7 @@
   every new token the whole sequence (prefix + tokens so far) is run again through the LM, with no KV
   cache and logits for every position.
 - per_image_generate: capcli's own model.generate(inputs_embeds=...) (KV cache), but one image at a time.
+- timm_efficientnet_lite: EfficientNet-Lite in timm's layers, which capcli's own (capcli.model.lite) replaces.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from capcli.config import GenerationSettings
 from capcli.devices import autocast
-from capcli.model.encoders import timm_efficientnet_lite
+from capcli.errors import ModelError
+from capcli.model.encoders import lite_state_dict, lite_weights_file
 from capcli.text import tidy
 
 
@@ -127,3 +130,21 @@ def _naive_beam(model, features: torch.Tensor, labels, settings: GenerationSetti
             break
     best_beam = int((scores / lengths).argmax())
     return _text(model, [t for t in ids[best_beam].tolist() if t != eos])
+
+
+def timm_efficientnet_lite(name: str, weights: Path | None = None) -> nn.Module:
+    """The same ImageNet classifier in timm's layers (`tf_efficientnet_liteK`, TF "same" padding, batch norms),
+    which tests and benchmarks compare capcli's own with (capcli.model.lite). Needs timm (the test extra)."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("timm is not installed: pip install timm (only needed to compare with its layers)") from None
+    model = timm.create_model("tf_" + name.replace("-", "_"), pretrained=False)
+    path = Path(weights) if weights else lite_weights_file(name)
+    source = [(k, v) for k, v in lite_state_dict(path, name).items() if not k.endswith("num_batches_tracked")]
+    if not any(k.startswith("_fc.") for k, _ in source):  # backbone-only weights: no classification head
+        model.classifier = nn.Identity()
+    # lukemelas names list the same tensors in the same order as timm's: pair them up
+    target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    model.load_state_dict(dict(zip(target, (v for _, v in source), strict=True)), strict=False)
+    return model.requires_grad_(False).eval()

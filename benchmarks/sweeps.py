@@ -53,7 +53,8 @@ def encoder_rates() -> None:
     import torch
 
     from capcli.allocator import keep_freed_memory
-    from capcli.model.encoders import load_encoder, timm_efficientnet_lite
+    from baselines import timm_efficientnet_lite
+    from capcli.model.encoders import load_encoder
 
     allocator = "glibc default"
     if "--keep-freed-memory" in sys.argv:

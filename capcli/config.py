@@ -155,7 +155,9 @@ TRAINED_DECODING = {"beams": 3, "no_repeat_ngram_size": 3, "forbid_absent": True
 
 @dataclass
 class GenerationSettings:
-    """How to decode. Greedy by default; beams and sampling are opt-in."""
+    """How to decode. Greedy by default; beams and sampling are opt-in. The fields down to `seed` are
+    transformers' `generate()` settings under the CLI's names (`generate_kwargs` passes them through whole);
+    the rest are capcli's own steering (capcli.steering.stages reads them)."""
 
     max_new_tokens: int = 30
     min_new_tokens: int = 0
@@ -168,11 +170,22 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0  # beam search: a beam's log-probability is divided by its length to this power
-    seed: int | None = None
+    seed: int | None = None  # seeds torch before decoding (sampling)
+    # capcli's steering
     forbid_absent: bool = False  # no words for what the object detector does not see (capcli.steering.absent)
     absent_below: float = 0.3  # with forbid_absent: a COCO object the detector scores below this is absent
     neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
     candidates: int = 5  # with a memory: captions decoded (beam search's N best) before the vote
+
+    def generate_kwargs(self) -> dict:
+        """The settings of transformers' GenerationConfig: sampling's only when sampling, the length penalty
+        only for beam search (transformers warns about settings that do nothing)."""
+        return dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, num_beams=self.beams,
+                    do_sample=self.sample, num_return_sequences=self.num_captions,
+                    temperature=self.temperature if self.sample else None,
+                    top_p=self.top_p if self.sample else None, top_k=self.top_k if self.sample else None,
+                    repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+                    length_penalty=self.length_penalty if self.beams > 1 else None)
 
     def validate(self) -> "GenerationSettings":
         from capcli.errors import CapcliError

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from capcli.errors import ModelError
-from capcli.model.encoders import load_encoder, timm_efficientnet_lite
+from capcli.model.encoders import load_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from baselines import timm_efficientnet_lite  # noqa: E402  (what capcli's own EfficientNet-Lite replaces)
 
 
 def chelsea():
@@ -100,9 +103,9 @@ def test_capcli_efficientnet_lite_gives_the_features_and_classes_of_timms_layers
 
 
 def test_backbone_only_lite_weights_give_features_but_no_head(tmp_path):
-    from capcli.model.encoders import _lite_weights_file
+    from capcli.model.encoders import lite_weights_file
 
-    full = torch.load(_lite_weights_file("efficientnet-lite0"), weights_only=True)
+    full = torch.load(lite_weights_file("efficientnet-lite0"), weights_only=True)
     backbone = tmp_path / "lite0-backbone.pth"
     torch.save({k: v for k, v in full.items() if not k.startswith("_fc.")}, backbone)
     encoder, reference = load_encoder("efficientnet-lite0", weights=backbone), load_encoder("efficientnet-lite0")

