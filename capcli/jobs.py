@@ -15,13 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from capcli.config import (
-    DEFAULT_ENCODER,
-    DEFAULT_LM,
-    TRAINED_DECODING,
-    GroundingConfig,
-    ModelConfig,
-)
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, TRAINED_DECODING, GroundingConfig, ModelConfig
 from capcli.data.shards import Shard, job_shard
 from capcli.errors import CapcliError, InputError
 from capcli.reporting import Reporter

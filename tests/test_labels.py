@@ -5,14 +5,7 @@ import random
 import pytest
 import torch
 
-from capcli.steering.labels import (
-    Labeler,
-    class_nouns,
-    find_nouns,
-    plural,
-    swap_noun,
-    vocabulary,
-)
+from capcli.steering.labels import Labeler, class_nouns, find_nouns, plural, swap_noun, vocabulary
 from capcli.steering.objects import object_metrics, objects_in
 
 

@@ -124,7 +124,7 @@ def train(
     train_job(train_job_from(with_recipe(options, ctx)), reporter)
 
 
-@subcommand(app, shared=o.CAPTIONING)
+@subcommand(app, shared=o.CAPTIONING, panels=True)
 def caption(
     paths: o.PathsArg,
     recursive: o.RecursiveOpt = False,
@@ -163,7 +163,7 @@ def caption(
     return caption_job(job_from(CaptionJob, options, decoding=GenerationSettings), reporter)
 
 
-@subcommand(app, "eval", shared=o.CAPTIONING)
+@subcommand(app, "eval", shared=o.CAPTIONING, panels=True)
 def evaluate(
     data: o.DataOpt,
     split: o.SplitOpt = None,

@@ -74,15 +74,12 @@ class GroupedHelp(typer.core.TyperCommand):
                 formatter.write_dl(sections[title])
 
 
-def command(fn=None, *, shared: dict | None = None):
+def command(fn, shared: dict, panels: bool):
     """Run a command with a stderr reporter: CapcliError becomes one line on stderr and its exit status,
     Ctrl-C or SIGTERM status 130 (after the job has kept what it finished), failed inputs status 1.
     `shared`: options declared once for several commands ({name: (annotation, default)}), which the
-    command takes as **shared."""
+    command takes as **shared; `panels`: its options in their help panels (capcli.cli.options.PANELS)."""
     from capcli.jobs import JobResult
-
-    if fn is None:
-        return functools.partial(command, shared=shared)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -102,27 +99,27 @@ def command(fn=None, *, shared: dict | None = None):
             reporter.end_progress()
         if isinstance(result, JobResult) and result.failed:
             raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
-    wrapper.__signature__ = _for_typer(fn, shared or {})
+    wrapper.__signature__ = _for_typer(fn, shared, panels)
     return wrapper
 
 
-def subcommand(group: typer.Typer, name: str | None = None, *, shared: dict | None = None):
+def subcommand(group: typer.Typer, name: str | None = None, *, shared: dict | None = None, panels: bool = False):
     """Register a function as a command of `group`: run by `command`, its help grouped by GroupedHelp."""
     def register(fn):
-        return group.command(name, cls=GroupedHelp)(command(fn, shared=shared))
+        return group.command(name, cls=GroupedHelp)(command(fn, shared or {}, panels))
     return register
 
 
-def _for_typer(fn, shared: dict):
+def _for_typer(fn, shared: dict, panels: bool):
     """The command's signature for Typer (which passes every option by name): its own options without
-    `reporter`, the shared ones, --quiet; caption's and eval's options in their help panels."""
+    `reporter`, the shared ones, --quiet; with `panels`, each option in its help panel."""
     keyword = inspect.Parameter.KEYWORD_ONLY
     own = [p.replace(kind=keyword) for p in inspect.signature(fn, eval_str=True).parameters.values()
            if p.name != "reporter" and p.kind != p.VAR_KEYWORD]
     params = [*own, *(inspect.Parameter(name, keyword, annotation=annotation, default=default)
                       for name, (annotation, default) in shared.items()),
               inspect.Parameter("quiet", keyword, default=False, annotation=QuietOpt)]
-    if fn.__name__ in ("caption", "evaluate"):
+    if panels:
         params = [in_panel(p, PANEL_OF.get(p.name)) for p in params]
     return inspect.Signature(params)
 

@@ -11,13 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capcli.config import (
-    DEFAULT_ENCODER,
-    DEFAULT_LM,
-    DEVICES,
-    GroundingConfig,
-    TrainSettings,
-)
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, DEVICES, GroundingConfig, TrainSettings
 from capcli.errors import CapcliError
 
 Device = Enum("Device", {name: name for name in DEVICES}, type=str)
@@ -79,8 +73,7 @@ def train_job_from(options: dict):
     return job_from(TrainJob, options, settings=TrainSettings)
 
 
-def _opt(*names: str, **kwargs):
-    return typer.Option(*names, **kwargs)
+_opt = typer.Option  # short, for the many declarations below
 
 
 # Shared by several commands.

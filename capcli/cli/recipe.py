@@ -28,9 +28,10 @@ def read_recipe(path: Path, ctx) -> dict:
             args += [option, str(value)]
     try:
         parsed = ctx.command.make_context(ctx.info_name, args, parent=ctx.parent)
-    except Exception as exc:  # the parser's own usage error: say which file, in one line
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise CapcliError(f"--config {path}: {_in_recipe_words(message)}") from None
+    except Exception as exc:  # the parser's own usage error (click's, vendored by typer): which file, one line
+        if not hasattr(exc, "format_message"):
+            raise
+        raise CapcliError(f"--config {path}: {_in_recipe_words(exc.format_message())}") from None
     given = {key.replace("-", "_") for key in data}
     return {name: value for name, value in parsed.params.items() if name in given}
 

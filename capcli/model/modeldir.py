@@ -56,11 +56,6 @@ class ModelParts:
     def load_mapper_into(self, mapper: torch.nn.Module) -> None:
         load_mapper_weights(mapper, self.mapper_state, self.model_dir / MAPPER_FILE, self.config.mapper)
 
-    @property
-    def own_memory(self) -> Path | None:
-        folder = self.model_dir / MEMORY_DIR
-        return folder if folder.is_dir() else None
-
 
 def load_model(spec: Path | str | None = None, *, encoder_weights: Path | None = None, log=None,
                with_lm: bool = True) -> ModelParts:

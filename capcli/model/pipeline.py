@@ -316,10 +316,10 @@ class Captioner:
                                                  recursive)]
         settings = self.settings(**options)
         for path, result in self.caption_paths(paths, settings, batch_size, workers):
-            if isinstance(result, InputError) or settings.num_captions > 1:
-                yield path, result if isinstance(result, InputError) else result.captions
+            if isinstance(result, InputError):
+                yield path, result
             else:
-                yield path, result.captions[0]
+                yield path, result.captions[0] if settings.num_captions == 1 else result.captions
 
     def caption_paths(self, paths: list[Path], settings: GenerationSettings, batch_size: int | None = None,
                       workers: int | None = None, with_labels: bool = False) -> Iterator[tuple[Path, Captioned | InputError]]:

@@ -22,12 +22,7 @@ from pathlib import Path
 
 import torch
 
-from capcli.config import (
-    GenerationSettings,
-    GroundingConfig,
-    ModelConfig,
-    TrainSettings,
-)
+from capcli.config import GenerationSettings, GroundingConfig, ModelConfig, TrainSettings
 from capcli.data.captions import CaptionSet
 from capcli.data.features import FeatureCache, extract
 from capcli.devices import autocast
@@ -36,11 +31,7 @@ from capcli.files import atomic_write_bytes
 from capcli.model import modeldir
 from capcli.model.pipeline import CaptionModel
 from capcli.reporting import Reporter, interrupts_deferred, sigterm_interrupts
-from capcli.steering.grounding import (
-    classifier_labels,
-    machine_example,
-    training_example,
-)
+from capcli.steering.grounding import classifier_labels, machine_example, training_example
 from capcli.training.scst import SelfCritical
 
 
