@@ -57,14 +57,14 @@ def setup(*, reporter: Reporter):
     reporter.line(f"object detector ready: {load_detector(DEFAULT_DETECTOR, log=reporter.line).detector_id}")
 
 
-@subcommand(app, shared=o.ENCODING)
+@subcommand(app, declared=o.ENCODING)
 def extract(
     data: o.DataOpt,
     out: o.FeaturesOpt = None,
     encoder: o.ExtractEncoderOpt = DEFAULT_ENCODER,
     shard: o.ShardOpt = None,
     objects: o.ExtractObjectsOpt = False,
-    *, reporter: Reporter, **shared,
+    *, reporter: Reporter, **declared,
 ):
     """Encode every image of a data set once into a feature cache (only what is missing).
     Several extract jobs (--shard, or launched processes) may share one cache."""
@@ -76,44 +76,8 @@ def extract(
     return extract_job(job_from(ExtractJob, options), reporter)
 
 
-@subcommand(app)
-def train(
-    data: o.TrainDataOpt = None,
-    out: o.TrainOutOpt = None,
-    config: o.ConfigOpt = None,
-    split: o.SplitOpt = None,
-    val_split: o.ValSplitOpt = None,
-    features: o.FeaturesOpt = None,
-    encoder: o.EncoderOpt = None,
-    encoder_weights: o.EncoderWeightsOpt = None,
-    lm: o.LmOpt = None,
-    prefix_length: o.PrefixLengthOpt = None,
-    hidden_size: o.HiddenSizeOpt = None,
-    prompt: o.TrainPromptOpt = None,
-    grounded: o.GroundedOpt = False,
-    label_drop: o.LabelDropOpt = None,
-    label_swap: o.LabelSwapOpt = None,
-    objects: o.ObjectsOpt = False,
-    train_labels: o.TrainLabelsOpt = None,
-    init: o.InitOpt = None,
-    epochs: o.EpochsOpt = None,
-    objective: o.ObjectiveOpt = None,
-    samples: o.SamplesOpt = None,
-    xent_weight: o.XentWeightOpt = None,
-    object_penalty: o.ObjectPenaltyOpt = None,
-    tune_labels: o.TuneLabelsOpt = None,
-    batch_size: o.TrainBatchOpt = None,
-    lr: o.LrOpt = None,
-    warmup_steps: o.WarmupOpt = None,
-    max_caption_tokens: o.MaxCaptionTokensOpt = None,
-    max_steps: o.MaxStepsOpt = None,
-    checkpoint_every: o.CheckpointEveryOpt = None,
-    seed: o.TrainSeedOpt = None,
-    resume: o.ResumeRunOpt = False,
-    device: o.DeviceOpt = o.Device.auto,
-    precision: o.TrainPrecisionOpt = None,
-    *, ctx: typer.Context, reporter: Reporter,
-):
+@subcommand(app, declared=o.TRAINING)
+def train(*, ctx: typer.Context, reporter: Reporter, **declared):
     """Train a prefix mapper from cached features (extracting what is missing first). --config FILE reads
     these options from a recipe; those given here win."""
     options = _options(locals())
@@ -124,7 +88,7 @@ def train(
     train_job(train_job_from(with_recipe(options, ctx)), reporter)
 
 
-@subcommand(app, shared=o.CAPTIONING, panels=True)
+@subcommand(app, declared=o.CAPTIONING, panels=True)
 def caption(
     paths: o.PathsArg,
     recursive: o.RecursiveOpt = False,
@@ -150,30 +114,30 @@ def caption(
     min_score: o.MinScoreOpt = None,
     explain: o.ExplainOpt = False,
     shard: o.ShardOpt = None,
-    *, reporter: Reporter, **shared,
+    *, reporter: Reporter, **declared,
 ):
     """Caption images. Output goes to stdout (or -o FILE); progress and problems to stderr.
 
     Under torchrun or accelerate launch, each process captions its share of the inputs into FILE.partRofN
     and the main process merges the parts into FILE when all are done."""
-    options = _options(locals(), memories=shared["memories"] or [])
+    options = _options(locals(), memories=declared["memories"] or [])
     from capcli.config import GenerationSettings
     from capcli.jobs import CaptionJob, caption_job
 
     return caption_job(job_from(CaptionJob, options, decoding=GenerationSettings), reporter)
 
 
-@subcommand(app, "eval", shared=o.CAPTIONING, panels=True)
+@subcommand(app, "eval", declared=o.CAPTIONING, panels=True)
 def evaluate(
     data: o.DataOpt,
     split: o.SplitOpt = None,
     output: o.PredictionsOpt = None,
     report: o.ReportOpt = None,
-    *, reporter: Reporter, **shared,
+    *, reporter: Reporter, **declared,
 ):
     """Caption a split and score it against all its references (BLEU, METEOR, ROUGE-L, CIDEr, and the
     CHAIR object metrics). Prints one JSON summary on stdout."""
-    options = _options(locals(), memories=shared["memories"] or [])
+    options = _options(locals(), memories=declared["memories"] or [])
     from capcli.config import GenerationSettings
     from capcli.jobs import EvalJob, eval_job
 
@@ -183,9 +147,9 @@ def evaluate(
 
 
 def _options(values: dict, **changes) -> dict:
-    """A command's options by name (its locals, taken first thing, and the shared ones), some values changed."""
-    own = {k: v for k, v in values.items() if k not in ("ctx", "reporter", "shared")}
-    return {**own, **values.get("shared", {}), **changes}
+    """A command's options by name (its locals, taken first thing, and its declared ones), some values changed."""
+    own = {k: v for k, v in values.items() if k not in ("ctx", "reporter", "declared")}
+    return {**own, **values.get("declared", {}), **changes}
 
 
 memory_app = typer.Typer(help="Retrieval memories: similar images' captions that steer captioning, no training.",
@@ -193,13 +157,13 @@ memory_app = typer.Typer(help="Retrieval memories: similar images' captions that
 app.add_typer(memory_app, name="memory")
 
 
-@subcommand(memory_app, "build", shared=o.ENCODING)
+@subcommand(memory_app, "build", declared=o.ENCODING)
 def memory_build(
     data: o.DataOpt,
     out: o.MemoryOutOpt,
     model: o.ModelOpt = None,
     features: o.FeaturesOpt = None,
-    *, reporter: Reporter, **shared,
+    *, reporter: Reporter, **declared,
 ):
     """Remember a data set's images and captions: the model's encoder features (float16) and the captions.
     Only images missing from the feature cache are encoded."""

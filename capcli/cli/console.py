@@ -74,11 +74,12 @@ class GroupedHelp(typer.core.TyperCommand):
                 formatter.write_dl(sections[title])
 
 
-def command(fn, shared: dict, panels: bool):
+def command(fn, declared: dict, panels: bool):
     """Run a command with a stderr reporter: CapcliError becomes one line on stderr and its exit status,
     Ctrl-C or SIGTERM status 130 (after the job has kept what it finished), failed inputs status 1.
-    `shared`: options declared once for several commands ({name: (annotation, default)}), which the
-    command takes as **shared; `panels`: its options in their help panels (capcli.cli.options.PANELS)."""
+    `declared`: options declared in capcli.cli.options as {name: (annotation, default)} (those several commands
+    share, or a command's long list), which the command takes as **declared; `panels`: its options in their
+    help panels (capcli.cli.options.PANELS)."""
     from capcli.jobs import JobResult
 
     @functools.wraps(fn)
@@ -99,25 +100,25 @@ def command(fn, shared: dict, panels: bool):
             reporter.end_progress()
         if isinstance(result, JobResult) and result.failed:
             raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
-    wrapper.__signature__ = _for_typer(fn, shared, panels)
+    wrapper.__signature__ = _for_typer(fn, declared, panels)
     return wrapper
 
 
-def subcommand(group: typer.Typer, name: str | None = None, *, shared: dict | None = None, panels: bool = False):
+def subcommand(group: typer.Typer, name: str | None = None, *, declared: dict | None = None, panels: bool = False):
     """Register a function as a command of `group`: run by `command`, its help grouped by GroupedHelp."""
     def register(fn):
-        return group.command(name, cls=GroupedHelp)(command(fn, shared or {}, panels))
+        return group.command(name, cls=GroupedHelp)(command(fn, declared or {}, panels))
     return register
 
 
-def _for_typer(fn, shared: dict, panels: bool):
+def _for_typer(fn, declared: dict, panels: bool):
     """The command's signature for Typer (which passes every option by name): its own options without
-    `reporter`, the shared ones, --quiet; with `panels`, each option in its help panel."""
+    `reporter`, the declared ones, --quiet; with `panels`, each option in its help panel."""
     keyword = inspect.Parameter.KEYWORD_ONLY
     own = [p.replace(kind=keyword) for p in inspect.signature(fn, eval_str=True).parameters.values()
            if p.name != "reporter" and p.kind != p.VAR_KEYWORD]
     params = [*own, *(inspect.Parameter(name, keyword, annotation=annotation, default=default)
-                      for name, (annotation, default) in shared.items()),
+                      for name, (annotation, default) in declared.items()),
               inspect.Parameter("quiet", keyword, default=False, annotation=QuietOpt)]
     if panels:
         params = [in_panel(p, PANEL_OF.get(p.name)) for p in params]

@@ -215,6 +215,22 @@ TrainSeedOpt = Annotated[Optional[int], _opt(help="Seed of the shuffling, the in
 ResumeRunOpt = Annotated[bool, _opt(help="Continue the run in --out from its checkpoint, with its own settings.")]
 TrainPrecisionOpt = Annotated[Optional[Precision], _opt(help=PRECISION_HELP)]
 
+# train's options, in the order of its --help.
+TRAINING = {
+    "data": (TrainDataOpt, None), "out": (TrainOutOpt, None), "config": (ConfigOpt, None), "split": (SplitOpt, None),
+    "val_split": (ValSplitOpt, None), "features": (FeaturesOpt, None), "encoder": (EncoderOpt, None),
+    "encoder_weights": (EncoderWeightsOpt, None), "lm": (LmOpt, None), "prefix_length": (PrefixLengthOpt, None),
+    "hidden_size": (HiddenSizeOpt, None), "prompt": (TrainPromptOpt, None), "grounded": (GroundedOpt, False),
+    "label_drop": (LabelDropOpt, None), "label_swap": (LabelSwapOpt, None), "objects": (ObjectsOpt, False),
+    "train_labels": (TrainLabelsOpt, None), "init": (InitOpt, None), "epochs": (EpochsOpt, None),
+    "objective": (ObjectiveOpt, None), "samples": (SamplesOpt, None), "xent_weight": (XentWeightOpt, None),
+    "object_penalty": (ObjectPenaltyOpt, None), "tune_labels": (TuneLabelsOpt, None),
+    "batch_size": (TrainBatchOpt, None), "lr": (LrOpt, None), "warmup_steps": (WarmupOpt, None),
+    "max_caption_tokens": (MaxCaptionTokensOpt, None), "max_steps": (MaxStepsOpt, None),
+    "checkpoint_every": (CheckpointEveryOpt, None), "seed": (TrainSeedOpt, None), "resume": (ResumeRunOpt, False),
+    "device": (DeviceOpt, Device.auto), "precision": (TrainPrecisionOpt, None),
+}
+
 # The options caption and eval share, as (annotation, default); console.command adds them to both.
 CAPTIONING = {
     "model": (ModelOpt, None), "beams": (BeamsOpt, None), "max_new_tokens": (MaxNewOpt, None),
