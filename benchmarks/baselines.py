@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from capcli.config import GenerationSettings
+from capcli.config import DecodingSettings, GenerationSettings
 from capcli.devices import autocast
 from capcli.errors import ModelError
 from capcli.model.encoders import lite_state_dict, lite_weights_file
@@ -53,7 +53,8 @@ def _encode_one(captioner, path: Path) -> tuple[torch.Tensor, list[list[str]] | 
 
 
 @torch.inference_mode()
-def per_image_generate(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
+def per_image_generate(captioner, paths: list[Path], decoding: DecodingSettings) -> list[str]:
+    settings = decoding.generation
     generate, longer = captioner.model.generate, _retry_settings(settings)
     with autocast(captioner.device):
         return [tidy(generate(features, settings, labels)[0][0] or generate(features, longer, labels)[0][0])
@@ -71,9 +72,10 @@ def _retry_settings(settings: GenerationSettings) -> GenerationSettings:
 
 
 @torch.inference_mode()
-def naive_caption(captioner, paths: list[Path], settings: GenerationSettings) -> list[str]:
+def naive_caption(captioner, paths: list[Path], decoding: DecodingSettings) -> list[str]:
     """ClipCap's decoding, with capcli's rule that an empty caption is decoded again with the end of text
     forbidden for a few tokens, and its tidied text."""
+    settings = decoding.generation
     decode = _naive_greedy if settings.beams == 1 else _naive_beam
     longer = _retry_settings(settings)
     with autocast(captioner.device):

@@ -70,7 +70,7 @@ class ModelConfig:
     detector: str | None = None  # the object detector whose objects ground the captions (capcli.steering.detector)
     min_score: float = 0.5  # outputs and keywords leave out labels and objects scoring less (chosen on dev)
     encoder_weights: str | None = None  # the weights file trained with, if not the packaged or hub weights
-    generation: dict = field(default_factory=dict)  # default decoding settings for this model
+    generation: dict = field(default_factory=dict)  # default decoding settings (DecodingSettings fields, flat)
     training: dict = field(default_factory=dict)  # provenance: how it was trained
     format_version: int = FORMAT_VERSION
 
@@ -84,7 +84,7 @@ class ModelConfig:
             raise ModelError(f"min_score must lie between 0 and 1, got {self.min_score}")
         if isinstance(self.grounding, dict):
             self.grounding = _strict(GroundingConfig, self.grounding, "grounding")
-        unknown = sorted(set(self.generation) - {f.name for f in dataclasses.fields(GenerationSettings)})
+        unknown = sorted(set(self.generation) - DecodingSettings.field_names())
         if unknown:
             raise ModelError(f"unknown key 'generation.{unknown[0]}'")
 
@@ -155,9 +155,8 @@ TRAINED_DECODING = {"beams": 3, "no_repeat_ngram_size": 3, "forbid_absent": True
 
 @dataclass
 class GenerationSettings:
-    """How to decode. Greedy by default; beams and sampling are opt-in. The fields down to `seed` are
-    transformers' `generate()` settings under the CLI's names (`generate_kwargs` passes them through whole);
-    the rest are capcli's own steering (capcli.steering.stages reads them)."""
+    """transformers' `generate()` settings under the CLI's names; `generate_kwargs` passes them through whole.
+    Greedy by default; beams and sampling are opt-in."""
 
     max_new_tokens: int = 30
     min_new_tokens: int = 0
@@ -171,11 +170,6 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0  # beam search: a beam's log-probability is divided by its length to this power
     seed: int | None = None  # seeds torch before decoding (sampling)
-    # capcli's steering
-    forbid_absent: bool = False  # no words for what the object detector does not see (capcli.steering.absent)
-    absent_below: float = 0.3  # with forbid_absent: a COCO object the detector scores below this is absent
-    neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
-    candidates: int = 5  # with a memory: captions decoded (beam search's N best) before the vote
 
     def generate_kwargs(self) -> dict:
         """The settings of transformers' GenerationConfig: sampling's only when sampling, the length penalty
@@ -187,7 +181,7 @@ class GenerationSettings:
                     repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
                     length_penalty=self.length_penalty if self.beams > 1 else None)
 
-    def validate(self) -> "GenerationSettings":
+    def validate(self) -> None:
         from capcli.errors import CapcliError
 
         if self.beams < 1 or self.num_captions < 1 or self.max_new_tokens < 1:
@@ -198,22 +192,64 @@ class GenerationSettings:
             raise CapcliError("--num-captions N needs --sample or --beams >= N")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise CapcliError("--temperature must be > 0 and --top-p in (0, 1]")
+
+
+@dataclass
+class SteeringSettings:
+    """capcli's own steering of the words (the stages of capcli.steering.stages read it)."""
+
+    forbid_absent: bool = False  # no words for what the object detector does not see (capcli.steering.absent)
+    absent_below: float = 0.3  # with forbid_absent: a COCO object the detector scores below this is absent
+    neighbours: int = 5  # with a memory: how many similar images' captions vote on the candidates
+    candidates: int = 5  # with a memory: captions decoded (beam search's N best) before the vote
+
+    def validate(self) -> None:
+        from capcli.errors import CapcliError
+
         if not 0 <= self.absent_below <= 1:
             raise CapcliError("--absent-below must lie between 0 and 1")
         if self.neighbours < 1 or self.candidates < 1:
             raise CapcliError("--neighbours and --candidates must be at least 1")
-        return self
 
-    def updated(self, **changes) -> "GenerationSettings":
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to caption: transformers' generation settings and capcli's steering. Options, `Captioner.caption`'s
+    keywords and config.json's "generation" name the fields of both, flat (beams, forbid_absent, ...)."""
+
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    steering: SteeringSettings = field(default_factory=SteeringSettings)
+
+    PARTS = {"generation": GenerationSettings, "steering": SteeringSettings}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for part in cls.PARTS.values() for f in dataclasses.fields(part)}
+
+    def updated(self, **changes) -> "DecodingSettings":
         """A copy with the given fields replaced, ignoring None (an option the user did not pass); a name that
-        is no field is refused, naming it, rather than dropped without a word."""
+        is no field of either part is refused, naming it, rather than dropped without a word."""
         from capcli.errors import CapcliError
 
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        unknown = sorted(set(changes) - self.field_names())
         if unknown:
-            raise CapcliError(f"unknown decoding option {unknown[0]!r} (the options are GenerationSettings' fields: "
-                              f"beams, max_new_tokens, forbid_absent, ...)")
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+            raise CapcliError(f"unknown decoding option {unknown[0]!r} (the options are the fields of "
+                              f"GenerationSettings and SteeringSettings: beams, max_new_tokens, forbid_absent, ...)")
+        parts = {}
+        for name, part in self.PARTS.items():
+            own = {f.name for f in dataclasses.fields(part)}
+            parts[name] = dataclasses.replace(getattr(self, name), **{k: v for k, v in changes.items()
+                                                                      if k in own and v is not None})
+        return DecodingSettings(**parts)
+
+    def validate(self) -> "DecodingSettings":
+        self.generation.validate()
+        self.steering.validate()
+        return self
+
+    def flat(self) -> dict:
+        """Every field by name, as options and config.json name them."""
+        return {**dataclasses.asdict(self.generation), **dataclasses.asdict(self.steering)}
 
 
 @dataclass

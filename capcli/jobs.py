@@ -308,7 +308,7 @@ class CaptionJob:
     resume: bool = False  # with output: skip images already in it, and append
     sidecar: str | None = None  # write each caption beside its image with this suffix (".txt"; ".xmp": XMP)
     existing: str = "skip"  # captions already there: skip the image, overwrite, or append/prepend (text sidecars)
-    decoding: dict = field(default_factory=dict)  # GenerationSettings fields; None: the model's default
+    decoding: dict = field(default_factory=dict)  # DecodingSettings' fields by name; None: the model's default
     prompt: str | None = None  # replaces the model's prompt
     labels: bool = False  # also output the nouns the encoder's classifier sees and the detector's objects
     shard: str | None = None  # "I/N": take part I of N of the inputs
@@ -650,7 +650,7 @@ class EvalJob:
     data: Path  # data set with reference captions
     split: Path | None = None  # the images to evaluate, one name a line
     model: Path | None = None  # model dir (default: the shipped one)
-    decoding: dict = field(default_factory=dict)  # GenerationSettings fields; None: the model's default
+    decoding: dict = field(default_factory=dict)  # DecodingSettings' fields by name; None: the model's default
     output: Path | None = None  # predictions as JSON lines
     report: Path | None = None  # an HTML report, worst captions first
     batch_size: int | None = None
@@ -682,7 +682,7 @@ def eval_job(job: EvalJob, report: Reporter = Reporter()) -> tuple[dict, JobResu
     summary, rows = _score(predictions, refs, with_labels, report)
     summary = {"model": str(captioner.model_dir), "images": len(predictions),
                "failed": len(references.images) - len(predictions), **summary,
-               "decoding": dataclasses.asdict(settings), "precision": job.precision,
+               "decoding": settings.flat(), "precision": job.precision,
                "memory": captioner.memory.source if captioner.memory is not None else None,
                "seconds": round(seconds, 1)}
     _write_eval_outputs(job, summary, rows)

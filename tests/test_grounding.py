@@ -72,7 +72,7 @@ def test_a_caption_is_never_empty(tiny_model, tmp_path):
     batch = torch.stack([captioner.encoder.preprocess(open_image(p)) for p in images])
     with torch.no_grad():
         features = captioner.encoder(batch).mean(1)
-    raw = captioner.model.generate(features, settings)
+    raw = captioner.model.generate(features, settings.generation)
     assert raw == [[""], [""]]  # what decoding alone gives here; the RetryEmpty stage decodes them again
     assert all(c.strip() for c in captioner.caption(images, max_new_tokens=6))
 

@@ -97,11 +97,11 @@ def test_every_option_reaches_the_field_of_its_name(name, monkeypatch):
 
 def test_an_option_without_a_field_is_a_wiring_error():
     from capcli.cli.options import job_from
-    from capcli.config import GenerationSettings
+    from capcli.config import DecodingSettings
     from capcli.jobs import CaptionJob
 
     with pytest.raises(TypeError, match="beamz"):
-        job_from(CaptionJob, {"paths": ["a.jpg"], "beamz": 3}, decoding=GenerationSettings)
+        job_from(CaptionJob, {"paths": ["a.jpg"], "beamz": 3}, decoding=DecodingSettings)
 
 
 def train_job_of(args: list[str], monkeypatch):

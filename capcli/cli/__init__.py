@@ -121,10 +121,10 @@ def caption(
     Under torchrun or accelerate launch, each process captions its share of the inputs into FILE.partRofN
     and the main process merges the parts into FILE when all are done."""
     options = _options(locals(), memories=declared["memories"] or [])
-    from capcli.config import GenerationSettings
+    from capcli.config import DecodingSettings
     from capcli.jobs import CaptionJob, caption_job
 
-    return caption_job(job_from(CaptionJob, options, decoding=GenerationSettings), reporter)
+    return caption_job(job_from(CaptionJob, options, decoding=DecodingSettings), reporter)
 
 
 @subcommand(app, "eval", declared=o.CAPTIONING, panels=True)
@@ -138,10 +138,10 @@ def evaluate(
     """Caption a split and score it against all its references (BLEU, METEOR, ROUGE-L, CIDEr, and the
     CHAIR object metrics). Prints one JSON summary on stdout."""
     options = _options(locals(), memories=declared["memories"] or [])
-    from capcli.config import GenerationSettings
+    from capcli.config import DecodingSettings
     from capcli.jobs import EvalJob, eval_job
 
-    summary, result = eval_job(job_from(EvalJob, options, decoding=GenerationSettings), reporter)
+    summary, result = eval_job(job_from(EvalJob, options, decoding=DecodingSettings), reporter)
     typer.echo(json.dumps(summary, indent=2))
     return result
 

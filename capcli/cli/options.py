@@ -33,10 +33,11 @@ Existing = _choices("Existing", "skip", "overwrite", "append", "prepend")
 
 def job_from(job_class, options: dict, **settings_fields):
     """job_class(**options) by name. An option that is no field of the job fills a field of one of the
-    settings classes given (e.g. decoding=GenerationSettings): the job gets those as a dict, without the
+    settings classes given (e.g. decoding=DecodingSettings): the job gets those as a dict, without the
     options left at None (the model's or the run's own value then holds). Choices become their strings."""
     own = {f.name for f in dataclasses.fields(job_class)}
-    homes = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in settings_fields.items()}
+    homes = {name: cls.field_names() if hasattr(cls, "field_names") else {f.name for f in dataclasses.fields(cls)}
+             for name, cls in settings_fields.items()}
     fields, nested = {}, {name: {} for name in settings_fields}
     for name, value in options.items():
         value = value.value if isinstance(value, Enum) else value
@@ -94,7 +95,7 @@ FeaturesOpt = Annotated[Optional[Path], _opt(metavar="DIR", help="Feature cache 
 ShardOpt = Annotated[Optional[str], _opt(metavar="I/N", help="Take part I of N of the inputs, by a stable hash of "
                                          "each path: e.g. $SLURM_ARRAY_TASK_ID/100.")]
 
-# Decoding (GenerationSettings); None: the model's own.
+# Decoding (DecodingSettings: GenerationSettings and SteeringSettings); None: the model's own.
 BeamsOpt = Annotated[Optional[int], _opt(min=1, metavar="N", help="Beam search width (1: greedy).")]
 MaxNewOpt = Annotated[Optional[int], _opt(min=1, metavar="N", help="Longest caption, in tokens.")]
 MinNewOpt = Annotated[Optional[int], _opt(min=0, metavar="N", help="Shortest caption, in tokens.")]

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from capcli.config import GenerationSettings, ModelConfig
+from capcli.config import DecodingSettings, GenerationSettings, ModelConfig
 from capcli.devices import CPU_BATCH, autocast, resolve_device
 from capcli.errors import InputError, ModelError
 from capcli.model import modeldir
@@ -193,7 +193,7 @@ class Captioner:
         self.model, self.encoder, self.device, self.model_dir = model, encoder, device, model_dir
         self.detector = detector  # capcli.steering.detector: each image's objects, for the prompt, bans and outputs
         self.precision = precision  # autocast while captioning: see devices.autocast
-        self.defaults = GenerationSettings().updated(**model.config.generation)
+        self.defaults = DecodingSettings().updated(**model.config.generation)
         self.labeler = Labeler()
         self.stages = [stage() for stage in STAGES]  # steering, run in this order (capcli.steering.stages)
         self.memory = None  # capcli.steering.memory.Memory: similar images' captions pick among candidates
@@ -230,12 +230,13 @@ class Captioner:
             memories.insert(0, self.memory)
         self.memory = Memory.combine(memories) if memories else None
 
-    def settings(self, **options) -> GenerationSettings:
-        """This model's default decoding settings, overridden by any option that is not None."""
+    def settings(self, **options) -> DecodingSettings:
+        """This model's default decoding settings, overridden by any option that is not None (the fields of
+        GenerationSettings and SteeringSettings, by name)."""
         return self.defaults.updated(**options).validate()
 
     @torch.inference_mode()
-    def caption_tensors(self, images: torch.Tensor, settings: GenerationSettings, with_labels: bool = False,
+    def caption_tensors(self, images: torch.Tensor, settings: DecodingSettings, with_labels: bool = False,
                         objects: list[list[Detection]] | None = None) -> list[Captioned]:
         """Preprocessed images (B, 3, H, W) -> K captions each (and labels, if asked for or grounded). `objects`:
         each image's detections, which a model with a detector needs (caption_paths finds them)."""
@@ -257,7 +258,7 @@ class Captioner:
                           image.objects if with_labels else None)
                 for c, image in zip(captions, facts)]
 
-    def _steered(self, facts: list[ImageFacts], settings: GenerationSettings) -> list[list[str]]:
+    def _steered(self, facts: list[ImageFacts], settings: DecodingSettings) -> list[list[str]]:
         """Each image's captions, decoded and revised by the steering stages, in order."""
         for stage in self.stages:
             stage.prepare(self, facts, settings)
@@ -269,24 +270,24 @@ class Captioner:
             captions = stage.revise(self, facts, captions, decoding, settings, self._decode)
         return captions
 
-    def _decode(self, facts: list[ImageFacts], settings: GenerationSettings) -> list[list[str]]:
+    def _decode(self, facts: list[ImageFacts], settings: DecodingSettings) -> list[list[str]]:
         features = torch.stack([image.pooled for image in facts]).float()
         told = [image.told for image in facts] if self.model.config.grounding is not None else None
         processors = [p for stage in self.stages for p in stage.processors(self, facts, settings)]
-        return self.model.generate(features, settings, told, processors)
+        return self.model.generate(features, settings.generation, told, processors)
 
     def caption(self, images: Iterable, batch_size: int = 16, **options) -> list:
         """Caption PIL images or paths. Returns one caption per image, or a list of K with num_captions=K.
         An unreadable path raises InputError; use caption_paths to go on past bad files."""
         settings = self.settings(**options)
         results = [r.captions for r in self._caption_images(images, settings, batch_size, with_labels=False)]
-        return [r[0] for r in results] if settings.num_captions == 1 else results
+        return [r[0] for r in results] if settings.generation.num_captions == 1 else results
 
     def describe(self, images: Iterable, batch_size: int = 16, **options) -> list[Captioned]:
         """caption(), with the nouns the encoder sees: [Captioned(captions, labels)]."""
         return self._caption_images(images, self.settings(**options), batch_size, with_labels=True)
 
-    def _caption_images(self, images: Iterable, settings: GenerationSettings, batch_size: int,
+    def _caption_images(self, images: Iterable, settings: DecodingSettings, batch_size: int,
                         with_labels: bool) -> list[Captioned]:
         from itertools import islice
 
@@ -319,9 +320,9 @@ class Captioner:
             if isinstance(result, InputError):
                 yield path, result
             else:
-                yield path, result.captions[0] if settings.num_captions == 1 else result.captions
+                yield path, result.captions[0] if settings.generation.num_captions == 1 else result.captions
 
-    def caption_paths(self, paths: list[Path], settings: GenerationSettings, batch_size: int | None = None,
+    def caption_paths(self, paths: list[Path], settings: DecodingSettings, batch_size: int | None = None,
                       workers: int | None = None, with_labels: bool = False) -> Iterator[tuple[Path, Captioned | InputError]]:
         """Yield (path, Captioned) or (path, InputError) for each path, in input order, decoding in parallel.
         batch_size defaults to 64 on a GPU and 16 on a CPU (`python benchmarks/sweeps.py caption`)."""

@@ -17,13 +17,12 @@ See docs/architecture.md for a whole example.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from capcli.config import GenerationSettings
+from capcli.config import DecodingSettings
 from capcli.errors import ModelError
 from capcli.steering.absent import absent_objects, absent_words, compound_nouns
 from capcli.steering.grounding import confident
@@ -43,25 +42,25 @@ class ImageFacts:
     neighbours: list | None = None  # with a memory: the similar images whose captions vote (memory.Neighbour)
 
 
-Decode = Callable[[list[ImageFacts], GenerationSettings], list[list[str]]]
+Decode = Callable[[list[ImageFacts], DecodingSettings], list[list[str]]]
 
 
 class Stage:
     """One step of steering; the captioner calls each hook of each stage in the order of STAGES."""
 
-    def prepare(self, captioner, facts: list[ImageFacts], settings: GenerationSettings) -> None:
+    def prepare(self, captioner, facts: list[ImageFacts], settings: DecodingSettings) -> None:
         """Fill in what this stage knows about each image."""
 
-    def widen(self, captioner, settings: GenerationSettings) -> GenerationSettings:
+    def widen(self, captioner, settings: DecodingSettings) -> DecodingSettings:
         """The settings to decode with (a reranker asks for more candidates)."""
         return settings
 
-    def processors(self, captioner, facts: list[ImageFacts], settings: GenerationSettings) -> list:
+    def processors(self, captioner, facts: list[ImageFacts], settings: DecodingSettings) -> list:
         """Logits processors for decoding these images (transformers' `LogitsProcessor` protocol)."""
         return []
 
-    def revise(self, captioner, facts: list[ImageFacts], captions: list[list[str]], decoding: GenerationSettings,
-               settings: GenerationSettings, decode: Decode) -> list[list[str]]:
+    def revise(self, captioner, facts: list[ImageFacts], captions: list[list[str]], decoding: DecodingSettings,
+               settings: DecodingSettings, decode: Decode) -> list[list[str]]:
         """The captions after this stage: `decode(facts, settings)` decodes some images again."""
         return captions
 
@@ -81,13 +80,13 @@ class ForbidAbsent(Stage):
     told names (capcli.steering.absent)."""
 
     def prepare(self, captioner, facts, settings):
-        if not settings.forbid_absent:
+        if not settings.steering.forbid_absent:
             return
         if any(image.objects is None for image in facts):
             raise ModelError("--forbid-absent reads the object detector's objects: load the captioner with "
                              "objects=True (the command line does)")
         for image in facts:
-            absent = absent_objects(image.objects, image.told or [], settings.absent_below)
+            absent = absent_objects(image.objects, image.told or [], settings.steering.absent_below)
             image.banned += [word for thing in absent for word in absent_words(thing)]
 
 
@@ -122,8 +121,9 @@ class RetryEmpty(Stage):
         empty = [i for i, texts in enumerate(captions) if not all(texts)]
         if not empty:
             return captions
-        least = min(max(decoding.min_new_tokens, MIN_RETRY_TOKENS), decoding.max_new_tokens)
-        again = decode([facts[i] for i in empty], dataclasses.replace(decoding, min_new_tokens=least))
+        generation = decoding.generation
+        least = min(max(generation.min_new_tokens, MIN_RETRY_TOKENS), generation.max_new_tokens)
+        again = decode([facts[i] for i in empty], decoding.updated(min_new_tokens=least))
         for i, texts in zip(empty, again):
             captions[i] = [old or new for old, new in zip(captions[i], texts)]
         return captions
@@ -135,22 +135,24 @@ class MemoryVote(Stage):
 
     def prepare(self, captioner, facts, settings):
         if captioner.memory is not None:
-            near = captioner.memory.nearest(torch.stack([image.pooled for image in facts]), settings.neighbours)
+            near = captioner.memory.nearest(torch.stack([image.pooled for image in facts]), settings.steering.neighbours)
             for image, neighbours in zip(facts, near):
                 image.neighbours = neighbours
 
     def widen(self, captioner, settings):
         if captioner.memory is None:
             return settings
-        wide = max(settings.candidates, settings.num_captions)
-        return dataclasses.replace(settings, num_captions=wide,
-                                   beams=settings.beams if settings.sample else max(settings.beams, wide))
+        generation = settings.generation
+        wide = max(settings.steering.candidates, generation.num_captions)
+        return settings.updated(num_captions=wide,
+                                beams=generation.beams if generation.sample else max(generation.beams, wide))
 
     def revise(self, captioner, facts, captions, decoding, settings, decode):
         if captioner.memory is None:
             return captions
         ranked = [captioner.memory.ranked(candidates, image.neighbours) for candidates, image in zip(captions, facts)]
-        return [(order * settings.num_captions)[: settings.num_captions] for order in ranked]
+        keep = settings.generation.num_captions
+        return [(order * keep)[:keep] for order in ranked]
 
 
 STAGES: list[type[Stage]] = [PromptLabels, ForbidAbsent, BanWords, RetryEmpty, MemoryVote]
