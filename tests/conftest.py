@@ -16,6 +16,12 @@ WORDS = ["a", "an", "image", "of", "photo", "picture", "the", "."] + list(COLOUR
 
 USER_CACHE = os.environ.get("CAPCLI_CACHE")  # where `capcli setup` put the real default LM
 
+# The tests' encoder, `tiny-random-cnn` (tiny_encoder.py), is a capcli plugin: every capcli a test runs, in
+# this process or another, finds it.
+os.environ["CAPCLI_PLUGINS"] = "tiny_encoder"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                          os.environ.get("PYTHONPATH")]))
+
 
 @pytest.fixture
 def real_cache(monkeypatch):

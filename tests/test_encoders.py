@@ -160,3 +160,22 @@ def test_batch_norms_are_folded_only_where_the_output_stays_the_same():
     odd = NormFirst().eval()
     odd.norm.running_mean.fill_(3.0)
     assert fold_batch_norms(odd, 16) is odd  # folding would change its output: kept as it was
+
+
+def test_an_encoder_registered_by_a_plugin_module_is_found_by_name(tmp_path, monkeypatch):
+    (tmp_path / "my_encoders.py").write_text(
+        "from capcli.model.encoders import register_encoder\n"
+        "from tiny_encoder import tiny_random_cnn\n\n"
+        "@register_encoder('my-cnn')\n"
+        "def my_cnn(weights=None):\n"
+        "    return tiny_random_cnn(weights)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CAPCLI_PLUGINS", "tiny_encoder, my_encoders")
+    grid = load_encoder("my-cnn")(torch.zeros(1, 3, 32, 32))
+    assert grid.shape == (1, 16, 32)  # (B, N, D): a 4 x 4 feature map of 32 channels
+
+
+def test_a_plugin_module_that_cannot_be_imported_is_named(monkeypatch):
+    monkeypatch.setenv("CAPCLI_PLUGINS", "tiny_encoder,no_such_encoders")
+    with pytest.raises(ModelError, match="CAPCLI_PLUGINS: cannot import 'no_such_encoders'"):
+        load_encoder("tiny-random-cnn")

@@ -5,13 +5,17 @@
   folded, static padding; no model library to import).
 - torchvision classification backbones by name (`resnet50`, `efficientnet_b0`, `convnext_tiny`, ...):
   weights from the torch hub cache (downloaded there when online) or `--encoder-weights PATH`.
-- `tiny-random-cnn`: a small CNN with fixed-seed random weights, for tests and demos only.
+- any other name registered with `register_encoder`, by a module that the `CAPCLI_PLUGINS` environment
+  variable names (a comma-separated list of importable modules, imported before a name is looked up, as
+  pytest reads PYTEST_PLUGINS). The tests' tiny random CNN is one (tests/tiny_encoder.py).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +27,8 @@ from capcli.errors import ModelError
 from capcli.files import sha256_file
 
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
-TEST_ENCODER = "tiny-random-cnn"
+PLUGINS_VARIABLE = "CAPCLI_PLUGINS"
+_REGISTERED: dict[str, Callable[[Path | None], "ImageEncoder"]] = {}
 
 
 class ImageEncoder(nn.Module):
@@ -110,13 +115,31 @@ def _fold_children(module: nn.Module) -> bool:
     return folded
 
 
+def register_encoder(name: str):
+    """Register a function that builds an encoder (its argument: the --encoder-weights file, or None) under a
+    name that --encoder and config.json can use. A decorator, in a module named by CAPCLI_PLUGINS."""
+    def register(build: Callable[[Path | None], ImageEncoder]):
+        _REGISTERED[name] = build
+        return build
+    return register
+
+
 def load_encoder(name: str = DEFAULT_ENCODER, weights: Path | None = None) -> ImageEncoder:
     """Build the named encoder with real weights; never silently fall back to random ones."""
     if name in LITE_SIZES:
         return _efficientnet_lite(name, weights)
-    if name == TEST_ENCODER:
-        return _tiny_random_cnn()
+    _import_plugins()
+    if name in _REGISTERED:
+        return _REGISTERED[name](weights)
     return _torchvision(name, weights)
+
+
+def _import_plugins() -> None:
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ModelError(f"{PLUGINS_VARIABLE}: cannot import {module!r} ({exc})") from None
 
 
 def _efficientnet_lite(name: str, weights: Path | None) -> ImageEncoder:
@@ -161,7 +184,8 @@ def _torchvision(name: str, weights: Path | None) -> ImageEncoder:
         enum = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, KeyError):
         known = ", ".join([*LITE_SIZES, "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "..."])
-        raise ModelError(f"unknown encoder {name!r}: choose one of {known} (any torchvision classifier)") from None
+        raise ModelError(f"unknown encoder {name!r}: choose one of {known} (any torchvision classifier), or one "
+                         f"registered by a module in {PLUGINS_VARIABLE}") from None
     if weights:
         state, tag = _load_state_dict(Path(weights)), sha256_file(weights)[:12]
     else:
@@ -222,16 +246,3 @@ def _load_state_dict(path: Path) -> dict:
         raise ModelError(f"{path}: encoder weights file not found") from None
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{path}: cannot load encoder weights safely ({type(exc).__name__}: {exc})") from None
-
-
-def _tiny_random_cnn() -> ImageEncoder:
-    """Fixed-seed random weights: the same features in every process, so tests can reload models."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        trunk = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1),
-        )
-        head = nn.Linear(32, 1000)
-    return ImageEncoder(TEST_ENCODER, f"{TEST_ENCODER}@seed0", trunk, 32, mean=(0.5,) * 3, std=(0.5,) * 3, head=head)
