@@ -142,25 +142,25 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def train_tiny(data: Path, lm: Path, out: Path, *extra: str, exit_code: int = 0) -> Path:
     """A quickly trained tiny model dir (its captions need not be right); exit_code: what the run must end with."""
-    from typer.testing import CliRunner
+    from cli_runner import runner
 
     from capcli.cli import app
 
-    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--encoder", "tiny-random-cnn",
-                                      "--lm", str(lm), "--features", str(data / "features"), "--prefix-length", "2",
-                                      "--hidden-size", "16", "--epochs", "1", "--batch-size", "4", "--quiet", *extra])
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--encoder", "tiny-random-cnn",
+                                 "--lm", str(lm), "--features", str(data / "features"), "--prefix-length", "2",
+                                 "--hidden-size", "16", "--epochs", "1", "--batch-size", "4", "--quiet", *extra])
     assert result.exit_code == exit_code, result.output
     return out
 
 
 def tune(data: Path, model: Path, out: Path, *extra: str):
     """`capcli train --objective cider` of a model dir on the data (and its feature cache); the CLI's result."""
-    from typer.testing import CliRunner
+    from cli_runner import runner
 
     from capcli.cli import app
 
-    return CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--init", str(model),
-                                    "--objective", "cider", "--features", str(data / "features"), "--quiet", *extra])
+    return runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--init", str(model),
+                               "--objective", "cider", "--features", str(data / "features"), "--quiet", *extra])
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 captions."""
 
 import torch
+from cli_runner import runner
 from conftest import make_images
-from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.config import GenerationSettings
@@ -11,8 +11,6 @@ from capcli.model.pipeline import Captioner
 from capcli.steering.absent import absent_objects, absent_words, compound_nouns
 from capcli.steering.detector import Detection
 from capcli.steering.stages import ForbiddenWords
-
-runner = CliRunner()
 
 
 def found(label: str, score: float) -> Detection:

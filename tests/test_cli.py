@@ -5,12 +5,10 @@ import io
 import subprocess
 import sys
 
+from cli_runner import runner
 from conftest import make_images
-from typer.testing import CliRunner
 
 from capcli.cli import app
-
-runner = CliRunner()
 
 
 def caption(*args: str, input: str | None = None):

@@ -5,8 +5,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from cli_runner import runner
 from conftest import make_images, train_tiny
-from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.config import GroundingConfig
@@ -16,7 +16,6 @@ from capcli.steering.grounding import confident, object_phrase
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-runner = CliRunner()
 
 
 def found(label: str, score: float) -> Detection:

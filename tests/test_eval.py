@@ -4,14 +4,12 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
+from cli_runner import runner
 
 import capcli.outputs.evaluate
 from capcli.cli import app
 from capcli.outputs.evaluate import diversity, score
 from capcli.text import python_tokenize
-
-runner = CliRunner()
 
 
 def test_identical_captions_score_perfectly_and_wrong_ones_do_not(monkeypatch):

@@ -3,13 +3,11 @@
 import subprocess
 import sys
 
-from typer.testing import CliRunner
+from cli_runner import runner
 
 import capcli.data.features
 from capcli.cli import app
 from capcli.data.features import FeatureCache
-
-runner = CliRunner()
 
 
 def distinct_images(data):

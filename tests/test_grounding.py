@@ -9,16 +9,14 @@ import shutil
 
 import pytest
 import torch
+from cli_runner import runner
 from conftest import make_images, train_tiny, tune
-from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.config import GenerationSettings, GroundingConfig
 from capcli.data.images import open_image
 from capcli.errors import ModelError
 from capcli.model.pipeline import Captioner
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")

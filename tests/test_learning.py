@@ -2,12 +2,10 @@
 
 from pathlib import Path
 
+from cli_runner import runner
 from conftest import expected_caption
-from typer.testing import CliRunner
 
 from capcli.cli import app
-
-runner = CliRunner()
 
 
 def train_shapes(data: Path, lm: Path, out: Path, *extra: str):

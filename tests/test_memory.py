@@ -5,12 +5,10 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
+from cli_runner import runner
 
 from capcli.cli import app
 from capcli.steering.memory import Memory
-
-runner = CliRunner()
 
 
 def build(data, model, out, *extra):

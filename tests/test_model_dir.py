@@ -5,15 +5,13 @@ import pickle
 import shutil
 
 import pytest
+from cli_runner import runner
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.errors import CapcliError, ModelError
 from capcli.model.modeldir import load_checkpoint
 from capcli.model.pipeline import Captioner
-
-runner = CliRunner()
 
 
 def copy(model, tmp_path):

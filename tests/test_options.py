@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
+from cli_runner import runner
 
 from capcli import cli
 from capcli.cli import app
 
-runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = {"extract": "extract_job", "train": "train_job", "caption": "caption_job", "eval": "eval_job",
         "memory build": "memory_job"}

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import runner
 from conftest import make_images
-from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.outputs.locks import exclusive, lock_path
 from capcli.outputs.metadata import read_xmp, xmp_packet
 
-runner = CliRunner()
 EXIFTOOL = shutil.which("exiftool")
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
                None)

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_runner import runner
 
 from capcli.cli import app
 
 pytestmark = pytest.mark.real
-runner = CliRunner()
 PHOTOS = Path(__import__("skimage").__file__).parent / "data"
 
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import runner
 from conftest import make_images
-from typer.testing import CliRunner
 
 import capcli.outputs.output
 from capcli.cli import app
@@ -98,7 +98,6 @@ def test_two_caption_jobs_writing_sidecars_into_one_folder(tiny_model, tmp_path)
 
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_written_records(tiny_model, tmp_path, monkeypatch):
     images = make_images(tmp_path / "photos", 6)
-    runner = CliRunner()
     # A real ENOSPC from the kernel: /dev/full refuses every write.
     result = runner.invoke(app, ["caption", str(images[0]), "--model", str(tiny_model), "-o", "/dev/full"])
     assert result.exit_code == 2 and "No space left on device" in result.stderr, result.output

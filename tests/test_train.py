@@ -3,13 +3,11 @@
 import json
 
 import torch
+from cli_runner import runner
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.model.pipeline import CaptionModel
-
-runner = CliRunner()
 
 
 def train(data, lm, out, *extra):

@@ -5,13 +5,11 @@ import json
 
 import pytest
 import torch
+from cli_runner import runner
 from conftest import tune
-from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.training.scst import SelfCritical
-
-runner = CliRunner()
 
 
 def test_a_caption_like_the_references_earns_more_than_one_unlike_them():
