@@ -139,13 +139,18 @@ def _strict(cls, data: dict, where: str):
     """cls(**data), refusing keys it does not have (a typo must not be dropped without a word)."""
     if not isinstance(data, dict):
         raise ModelError(f"'{where}' must be a JSON object")
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    unknown = sorted(set(data) - field_names(cls))
     if unknown:
         raise ModelError(f"unknown key '{where + '.' if where else ''}{unknown[0]}'")
     try:
         return cls(**data)
     except TypeError as exc:
         raise ModelError(str(exc)) from None
+
+
+def field_names(*classes) -> set[str]:
+    """The fields of these dataclasses, by name."""
+    return {f.name for cls in classes for f in dataclasses.fields(cls)}
 
 
 # What `capcli train` writes into a new model dir's `generation`: the shipped model's decoding, so that a model
@@ -224,7 +229,7 @@ class DecodingSettings:
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for part in cls.PARTS.values() for f in dataclasses.fields(part)}
+        return field_names(*cls.PARTS.values())
 
     def updated(self, **changes) -> "DecodingSettings":
         """A copy with the given fields replaced, ignoring None (an option the user did not pass); a name that
@@ -235,11 +240,9 @@ class DecodingSettings:
         if unknown:
             raise CapcliError(f"unknown decoding option {unknown[0]!r} (the options are the fields of "
                               f"GenerationSettings and SteeringSettings: beams, max_new_tokens, forbid_absent, ...)")
-        parts = {}
-        for name, part in self.PARTS.items():
-            own = {f.name for f in dataclasses.fields(part)}
-            parts[name] = dataclasses.replace(getattr(self, name), **{k: v for k, v in changes.items()
-                                                                      if k in own and v is not None})
+        parts = {name: dataclasses.replace(getattr(self, name), **{k: v for k, v in changes.items()
+                                                                   if k in field_names(part) and v is not None})
+                 for name, part in self.PARTS.items()}
         return DecodingSettings(**parts)
 
     def validate(self) -> "DecodingSettings":

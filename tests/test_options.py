@@ -100,7 +100,7 @@ def test_an_option_without_a_field_is_a_wiring_error():
     from capcli.jobs import CaptionJob
 
     with pytest.raises(TypeError, match="beamz"):
-        job_from(CaptionJob, {"paths": ["a.jpg"], "beamz": 3}, decoding=DecodingSettings)
+        job_from(CaptionJob, {"paths": ["a.jpg"], "beamz": 3}, decoding=DecodingSettings.field_names())
 
 
 def train_job_of(args: list[str], monkeypatch):

@@ -124,7 +124,7 @@ def caption(
     from capcli.config import DecodingSettings
     from capcli.jobs import CaptionJob, caption_job
 
-    return caption_job(job_from(CaptionJob, options, decoding=DecodingSettings), reporter)
+    return caption_job(job_from(CaptionJob, options, decoding=DecodingSettings.field_names()), reporter)
 
 
 @subcommand(app, "eval", declared=o.CAPTIONING, panels=True)
@@ -141,7 +141,7 @@ def evaluate(
     from capcli.config import DecodingSettings
     from capcli.jobs import EvalJob, eval_job
 
-    summary, result = eval_job(job_from(EvalJob, options, decoding=DecodingSettings), reporter)
+    summary, result = eval_job(job_from(EvalJob, options, decoding=DecodingSettings.field_names()), reporter)
     typer.echo(json.dumps(summary, indent=2))
     return result
 

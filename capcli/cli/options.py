@@ -4,14 +4,13 @@ without a field is a wiring bug that a test catches, never a setting silently dr
 
 from __future__ import annotations
 
-import dataclasses
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, DEVICES, GroundingConfig, TrainSettings
+from capcli.config import DEFAULT_ENCODER, DEFAULT_LM, DEVICES, GroundingConfig, TrainSettings, field_names
 from capcli.errors import CapcliError
 
 Device = Enum("Device", {name: name for name in DEVICES}, type=str)
@@ -31,14 +30,13 @@ SidecarName = _choices("SidecarName", "stem", "full")
 Existing = _choices("Existing", "skip", "overwrite", "append", "prepend")
 
 
-def job_from(job_class, options: dict, **settings_fields):
-    """job_class(**options) by name. An option that is no field of the job fills a field of one of the
-    settings classes given (e.g. decoding=DecodingSettings): the job gets those as a dict, without the
-    options left at None (the model's or the run's own value then holds). Choices become their strings."""
-    own = {f.name for f in dataclasses.fields(job_class)}
-    homes = {name: cls.field_names() if hasattr(cls, "field_names") else {f.name for f in dataclasses.fields(cls)}
-             for name, cls in settings_fields.items()}
-    fields, nested = {}, {name: {} for name in settings_fields}
+def job_from(job_class, options: dict, **homes: set[str]):
+    """job_class(**options) by name. An option that is no field of the job is one of the field names of a
+    home (e.g. decoding=DecodingSettings.field_names()): the job's field of that home's name gets those as a
+    dict, without the options left at None (the model's or the run's own value then holds). Choices become
+    their strings."""
+    own = field_names(job_class)
+    fields, nested = {}, {name: {} for name in homes}
     for name, value in options.items():
         value = value.value if isinstance(value, Enum) else value
         if name in own:
@@ -71,7 +69,7 @@ def train_job_from(options: dict):
         options["grounding"] = None
     options["detector"] = DEFAULT_DETECTOR if options.pop("objects") else None
     options["init"] = str(options["init"]) if options["init"] else None
-    return job_from(TrainJob, options, settings=TrainSettings)
+    return job_from(TrainJob, options, settings=field_names(TrainSettings))
 
 
 _opt = typer.Option  # short, for the many declarations below

@@ -135,7 +135,8 @@ class MemoryVote(Stage):
 
     def prepare(self, captioner, facts, settings):
         if captioner.memory is not None:
-            near = captioner.memory.nearest(torch.stack([image.pooled for image in facts]), settings.steering.neighbours)
+            pooled = torch.stack([image.pooled for image in facts])
+            near = captioner.memory.nearest(pooled, settings.steering.neighbours)
             for image, neighbours in zip(facts, near):
                 image.neighbours = neighbours
 
