@@ -3,7 +3,7 @@
 Importing this package is cheap: torch and transformers load only when a `Captioner` is used.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 __all__ = ["Captioner", "CapcliError", "__version__"]
 
 

@@ -31,7 +31,8 @@ class GroundingConfig:
     max_labels: int = 3  # captioning: at most this many labels, objects first, then the classifier's nouns
     drop: float = 0.4  # training: probability of leaving out each label
     swap: float = 0.2  # training on captions' nouns: probability of swapping one noun for another of its kind
-    object_threshold: float = 0.5  # models with a detector: an object is told when its score reaches this
+    object_threshold: float = 0.7  # models with a detector: an object is told when its best detection reaches this,
+    count_threshold: float = 0.5  # with its count of detections scoring at least this (not above object_threshold)
     # training: "captions" tells each caption's own nouns (dropped and swapped); "machine" tells what captioning
     # tells (the detector's objects and the classifier's nouns for the photo), each label dropped with `drop`;
     # "mix" tells one or the other, drawn half and half for each caption.
@@ -42,6 +43,8 @@ class GroundingConfig:
             raise ModelError("grounding template must contain {labels}")
         if not all(0 <= v <= 1 for v in (self.drop, self.swap, self.threshold, self.object_threshold)):
             raise ModelError("grounding drop, swap, threshold and object_threshold must lie between 0 and 1")
+        if not 0 <= self.count_threshold <= self.object_threshold:
+            raise ModelError("grounding count_threshold must lie between 0 and object_threshold")
         if self.train_labels not in ("captions", "machine", "mix"):
             raise ModelError(f"grounding train_labels must be captions, machine or mix, not {self.train_labels!r}")
 

@@ -23,13 +23,17 @@ def found(label: str, score: float) -> Detection:
 
 
 def test_objects_are_told_with_counts_before_the_classifier_s_new_nouns():
-    grounding = GroundingConfig(max_labels=4, object_threshold=0.5, threshold=0.3)
-    objects = [found("person", 0.9), found("dog", 0.8), found("person", 0.7), found("cat", 0.4)]
+    grounding = GroundingConfig(max_labels=4, object_threshold=0.7, count_threshold=0.5, threshold=0.3)
+    objects = [found("person", 0.9), found("dog", 0.8), found("person", 0.55), found("chair", 0.6),
+               found("cat", 0.4)]
     classifier = [("dog", 0.6), ("coffee", 0.5), ("cat", 0.35), ("rocket", 0.1)]
-    # dog is told once (the detector's); cat is the classifier's, as the detector scored it under 0.5
+    # the second person counts, as a person is sure; the chair (0.6) is not sure enough to be told; dog is told
+    # once (the detector's); cat is the classifier's
     assert confident(classifier, grounding, objects) == ["2 people", "dog", "coffee", "cat"]
     assert confident(classifier, grounding) == ["dog", "coffee", "cat"]  # a model without a detector
     assert [object_phrase("dining table", 2), object_phrase("person", 12)] == ["2 tables", "many people"]
+    with pytest.raises(ModelError, match="count_threshold"):  # counting above the cut for telling is refused
+        GroundingConfig(object_threshold=0.4, count_threshold=0.5)
 
 
 def test_a_corrupt_detector_wheel_is_refused_in_one_line_saying_what_to_do(tmp_path, monkeypatch):

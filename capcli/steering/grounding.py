@@ -35,14 +35,17 @@ def object_phrase(label: str, count: int) -> str:
 
 
 def confident(labels: list[tuple[str, float]], grounding: GroundingConfig, objects: list | None = None) -> list[str]:
-    """The labels a grounded model is told, at most max_labels: the detector's objects scoring at least
-    object_threshold, with their counts, best first; then the classifier's nouns scoring at least threshold
-    that name no object already told."""
+    """The labels a grounded model is told, at most max_labels: the detector's objects whose best detection
+    scores at least object_threshold, best first, each with its count of detections scoring at least
+    count_threshold (once a category is sure, a less sure second one is most likely another of it); then the
+    classifier's nouns scoring at least threshold that name no object already told."""
     from capcli.steering.objects import objects_in
 
     told, covered = [], set()
     if objects is not None:
-        counts = Counter(d.label for d in objects if d.score >= grounding.object_threshold)  # best first
+        sure = {d.label for d in objects if d.score >= grounding.object_threshold}
+        counts = Counter(d.label for d in objects  # best first, as detections come
+                         if d.label in sure and d.score >= grounding.count_threshold)
         told = [object_phrase(label, n) for label, n in counts.items()]
         covered = set(counts)
     for noun, score in labels:
